@@ -1,0 +1,254 @@
+"""Greedy decoding of 30-s windows, built from small functions with explicit state.
+
+The pieces, each usable alone:
+  - `LogitRules`: which tokens may come next given the tokens so far (suppressed
+    tokens, blank suppression at the start, Whisper's timestamp rules). A pure
+    function of (logits, generated tokens): speculative verification applies it
+    at every drafted position with that position's own prefix.
+  - `detect_language`: language-token probabilities at the start of transcript.
+  - `prefill`: run the start-of-transcript prompts (of any lengths) into a fresh cache.
+  - `greedy_decode`: prefill, then one token per step until end-of-text or the
+    448-token context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .kv_cache import AudioKV, KVCache
+from .model import Whisper
+from .tokenizer import Tokenizer
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"  # or "translate" (to English)
+    language: str | None = None  # None: detect from the audio (multilingual models)
+    timestamps: bool = False  # predict segment timestamps (Whisper's timestamp mode)
+    suppress_blank: bool = True  # no space or end-of-text as the first token
+    max_initial_timestamp: float = 1.0  # seconds: the first timestamp may not be later
+    max_new_tokens: int | None = None  # None: until the decoder's context (448 tokens) is full
+
+
+@dataclass
+class DecodeStats:
+    """Counts and times of one decode call; speculative decoding fills the draft fields."""
+
+    generated_tokens: int = 0
+    main_passes: int = 0  # decoder forward passes of the main model after the prompt
+    drafted: int = 0
+    accepted: int = 0
+    encoder_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_main_pass(self) -> float:
+        return self.generated_tokens / self.main_passes if self.main_passes else 0.0
+
+    def add(self, other: "DecodeStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["acceptance_rate"] = self.acceptance_rate
+        out["tokens_per_main_pass"] = self.tokens_per_main_pass
+        return out
+
+
+@dataclass
+class WindowResult:
+    """One decoded window (one batch row)."""
+
+    tokens: list[int]  # generated tokens: text and timestamps, no prompt, no end-of-text
+    language: str | None
+    avg_logprob: float
+    no_speech_prob: float
+    finished: bool  # ended with end-of-text (False: ran into the context limit)
+    language_probs: dict[str, float] | None = None
+    draft_mask: list[bool] | None = None  # speculative: True where the token came from an accepted draft
+
+
+class LogitRules:
+    """The constraints Whisper puts on the next token, as a function of the tokens generated so far."""
+
+    def __init__(self, tokenizer: Tokenizer, suppress_tokens: list[int], begin_suppress_tokens: list[int],
+                 options: DecodingOptions, n_vocab: int):
+        self.tokenizer = tokenizer
+        self.timestamps = options.timestamps
+        suppress = set(t for t in suppress_tokens if 0 <= t < n_vocab)
+        if options.timestamps:
+            suppress.add(tokenizer.no_timestamps)
+        self.suppress = torch.tensor(sorted(suppress), dtype=torch.long)
+        self.begin_suppress = torch.tensor(
+            sorted(set(begin_suppress_tokens) if options.suppress_blank else set()), dtype=torch.long)
+        self.timestamp_begin = tokenizer.timestamp_begin
+        self.eot = tokenizer.eot
+        self.max_initial_timestamp_index = round(options.max_initial_timestamp / 0.02) \
+            if options.max_initial_timestamp is not None else None
+
+    def apply(self, logits: Tensor, generated: list[int]) -> Tensor:
+        """Mask, in place, the tokens that may not follow `generated`. logits: (V,) float."""
+        logits[self.suppress.to(logits.device)] = NEG_INF
+        if not generated and len(self.begin_suppress):
+            logits[self.begin_suppress.to(logits.device)] = NEG_INF
+        if self.timestamps:
+            self._timestamp_rules(logits, generated)
+        return logits
+
+    def _timestamp_rules(self, logits: Tensor, generated: list[int]) -> None:
+        ts = self.timestamp_begin
+        last_was_ts = len(generated) >= 1 and generated[-1] >= ts
+        penultimate_was_ts = len(generated) < 2 or generated[-2] >= ts
+        if last_was_ts:
+            if penultimate_was_ts:  # a pair of timestamps closed a segment: text must follow
+                logits[ts:] = NEG_INF
+            else:  # a segment's text ended: only a timestamp or end-of-text
+                logits[:self.eot] = NEG_INF
+        timestamps = [t for t in generated if t >= ts]
+        if timestamps:
+            # Timestamps never go backwards; a segment's end may equal its start only right after it.
+            floor = timestamps[-1] if (last_was_ts and not penultimate_was_ts) else timestamps[-1] + 1
+            logits[ts:floor] = NEG_INF
+        if not generated:
+            logits[:ts] = NEG_INF  # a timestamped transcript starts with a timestamp
+            if self.max_initial_timestamp_index is not None:
+                logits[ts + self.max_initial_timestamp_index + 1:] = NEG_INF
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if torch.logsumexp(logprobs[ts:], dim=-1) > logprobs[:ts].max():
+            logits[:ts] = NEG_INF  # all timestamps together outweigh the best text token
+
+
+def detect_language(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV) -> list[dict[str, float]]:
+    """Per row: probability of each language token right after start-of-transcript."""
+    if not tokenizer.multilingual:
+        return [{"en": 1.0} for _ in range(audio_kv.batch_size)]
+    cache = model.new_cache(audio_kv.batch_size, max_len=1)
+    sot = torch.full((audio_kv.batch_size, 1), tokenizer.sot, dtype=torch.long, device=audio_kv.keys[0].device)
+    logits = model.decoder.logits(model.decoder(sot, audio_kv, cache))[:, 0].float()  # (B, V)
+    ids = torch.tensor(tokenizer.language_token_ids, device=logits.device)
+    probs = torch.softmax(logits[:, ids], dim=-1)  # only language tokens compete
+    return [dict(zip(tokenizer.language_codes, row.tolist())) for row in probs]
+
+
+def prefill(model: Whisper, audio_kv: AudioKV, prompts: list[list[int]], cache: KVCache) -> Tensor:
+    """Run each row's prompt into an empty cache. Returns logits (B, V) after each row's last prompt token,
+    and the logits at each row's start-of-transcript position as a second output for no-speech detection."""
+    longest = max(len(p) for p in prompts)
+    device = audio_kv.keys[0].device
+    # Rows with shorter prompts are padded, then rolled back to their own lengths:
+    # the padded slots become stale cache entries that no later query can see.
+    padded = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+    hidden = model.decoder(padded, audio_kv, cache)  # (B, T, C)
+    cache.rollback([len(p) for p in prompts])
+    rows = torch.arange(len(prompts), device=device)
+    last = model.decoder.logits(hidden[rows, torch.tensor([len(p) - 1 for p in prompts], device=device)])
+    return last.float(), hidden
+
+
+def no_speech_probs(model: Whisper, tokenizer: Tokenizer, prompt_hidden: Tensor, prompts: list[list[int]]) -> list[float]:
+    """Probability of <|nocaptions|> at each row's start-of-transcript position."""
+    probs = []
+    for row, prompt in enumerate(prompts):
+        sot_index = prompt.index(tokenizer.sot)
+        logits = model.decoder.logits(prompt_hidden[row, sot_index]).float()
+        probs.append(torch.softmax(logits, dim=-1)[tokenizer.no_speech].item())
+    return probs
+
+
+def build_prompts(tokenizer: Tokenizer, options: DecodingOptions, languages: list[str | None],
+                  previous_tokens: list[list[int]] | None = None) -> list[list[int]]:
+    """Per row: [<|startofprev|> previous text...] <|startoftranscript|> <|lang|> <|task|> [<|notimestamps|>]."""
+    prompts = []
+    for row, language in enumerate(languages):
+        prompt = tokenizer.sot_sequence(language, options.task, options.timestamps)
+        previous = previous_tokens[row] if previous_tokens else None
+        if previous:
+            prompt = [tokenizer.sot_prev] + previous + prompt
+        prompts.append(prompt)
+    return prompts
+
+
+def resolve_languages(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, language: str | None
+                      ) -> tuple[list[str | None], list[dict[str, float] | None]]:
+    """The language of every row: the one given, or the most probable one."""
+    if not tokenizer.multilingual:
+        if language not in (None, "en"):
+            raise ValueError(f"this model is English-only; cannot transcribe language {language!r}")
+        return ["en"] * audio_kv.batch_size, [None] * audio_kv.batch_size
+    if language is not None:
+        tokenizer.language_token(language)  # validates the code with a clear error
+        return [language] * audio_kv.batch_size, [None] * audio_kv.batch_size
+    probs = detect_language(model, tokenizer, audio_kv)
+    return [max(p, key=p.get) for p in probs], probs
+
+
+def greedy_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, rules: LogitRules,
+                  prompts: list[list[int]], options: DecodingOptions, stats: DecodeStats | None = None
+                  ) -> list[WindowResult]:
+    """Plain greedy decoding of a batch of windows: the reference speculative decoding must reproduce."""
+    stats = stats if stats is not None else DecodeStats()
+    batch = len(prompts)
+    cache = model.new_cache(batch)
+    device = audio_kv.keys[0].device
+    started = time.perf_counter()
+    logits, prompt_hidden = prefill(model, audio_kv, prompts, cache)
+    no_speech = no_speech_probs(model, tokenizer, prompt_hidden, prompts)
+    stats.prefill_seconds += time.perf_counter() - started
+
+    started = time.perf_counter()
+    budgets = [token_budget(model, len(p), options) for p in prompts]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    sum_logprob = [0.0] * batch
+    finished = [False] * batch
+    while True:
+        next_tokens = []
+        for row in range(batch):
+            if finished[row]:
+                next_tokens.append(tokenizer.eot)
+                continue
+            row_logits = rules.apply(logits[row], generated[row])
+            token = int(row_logits.argmax())
+            sum_logprob[row] += float(torch.log_softmax(row_logits, dim=-1)[token])
+            if token == tokenizer.eot:
+                finished[row] = True
+            else:
+                generated[row].append(token)
+                if len(generated[row]) >= budgets[row]:
+                    finished[row] = True
+            next_tokens.append(token)
+        if all(finished):
+            break
+        step_input = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        logits = model.decoder.logits(model.decoder(step_input, audio_kv, cache))[:, -1].float()
+        stats.main_passes += 1
+        if any(finished):  # finished rows were fed a filler token: keep their length where it was
+            cache.rollback([n - 1 if done else n for n, done in zip(cache.lengths, finished)])
+    stats.decode_seconds += time.perf_counter() - started
+    results = []
+    for row in range(batch):
+        ended = len(generated[row]) < budgets[row]
+        n = len(generated[row]) + (1 if ended else 0)
+        results.append(WindowResult(tokens=generated[row], language=None, avg_logprob=sum_logprob[row] / max(n, 1),
+                                    no_speech_prob=no_speech[row], finished=ended))
+        stats.generated_tokens += len(generated[row])
+    return results
+
+
+def token_budget(model: Whisper, prompt_len: int, options: DecodingOptions) -> int:
+    """How many tokens a row may generate: until the 448-token context is full, or max_new_tokens."""
+    room = model.dims.n_text_ctx - prompt_len
+    return min(room, options.max_new_tokens) if options.max_new_tokens else room

@@ -1,0 +1,125 @@
+"""The decoder's state, held outside the model.
+
+`KVCache` is the self-attention cache: preallocated once per decode, written at
+an explicit length per row. Appending writes at `length` and raises it;
+rolling back only lowers it (O(1), no copy). Attention masks are built from the
+lengths, so slots past a row's length are stale but harmless: the next write
+overwrites them.
+
+`AudioKV` is the cross-attention K/V of one batch of audio windows: computed
+once per window and reused by every decoding step (and by an assistant that
+shares the main model's encoder output and cross-attention weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AudioKV:
+    keys: list[Tensor]  # per decoder layer, (B, H, S_audio, D)
+    values: list[Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def select(self, rows: Tensor | list[int]) -> "AudioKV":
+        """The K/V of a subset of rows (a copy: used when rows leave a batch)."""
+        return AudioKV([k[rows] for k in self.keys], [v[rows] for v in self.values])
+
+
+class CacheOverflow(RuntimeError):
+    """A write would pass the preallocated length (Whisper's 448-token context)."""
+
+
+class KVCache:
+    """Per layer K and V of shape (B, H, max_len, D), with one explicit length per row.
+
+    The lengths are kept as Python ints: every decision about them (where to
+    write, how far to roll back, which keys a query may see) is made on the
+    host, and keeping them off the device avoids a sync per step on a GPU.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, lengths: list[int]):
+        self.keys = keys  # (L, B, H, S_max, D)
+        self.values = values
+        self.lengths = lengths
+        self._lengths_tensor: Tensor | None = None
+
+    @classmethod
+    def allocate(cls, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        keys = torch.zeros(shape, dtype=dtype, device=device)
+        values = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(keys, values, [0] * batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def uniform_length(self) -> int | None:
+        """The shared length when every row has the same one, else None."""
+        first = self.lengths[0]
+        return first if all(n == first for n in self.lengths) else None
+
+    def lengths_tensor(self) -> Tensor:
+        if self._lengths_tensor is None:
+            self._lengths_tensor = torch.tensor(self.lengths, dtype=torch.long, device=self.keys.device)
+        return self._lengths_tensor
+
+    def positions(self, n_new: int) -> Tensor:
+        """Positions of the next n_new tokens of every row: (B, n_new)."""
+        if max(self.lengths) + n_new > self.max_len:
+            raise CacheOverflow(f"writing {n_new} tokens after {max(self.lengths)} passes the {self.max_len}-token context")
+        offsets = torch.arange(n_new, device=self.keys.device)
+        return self.lengths_tensor()[:, None] + offsets[None, :]
+
+    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, H, T, D) new K/V at each row's length; return the layer's full (B, H, S_max, D) views.
+
+        The lengths do not move here: all layers write at the same positions,
+        and `advance` commits the step once the whole decoder has run.
+        """
+        n_new = k_new.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        start = self.uniform_length()
+        if start is not None:
+            keys[:, :, start:start + n_new] = k_new
+            values[:, :, start:start + n_new] = v_new
+        else:
+            for row, row_start in enumerate(self.lengths):
+                keys[row, :, row_start:row_start + n_new] = k_new[row]
+                values[row, :, row_start:row_start + n_new] = v_new[row]
+        return keys, values
+
+    def advance(self, n_new: int) -> None:
+        self.lengths = [n + n_new for n in self.lengths]
+        self._lengths_tensor = None
+
+    def rollback(self, new_lengths: int | list[int]) -> None:
+        """Forget everything past new_lengths (per row, or one int for all): O(1), nothing is copied."""
+        if isinstance(new_lengths, int):
+            new_lengths = [new_lengths] * self.batch_size
+        if len(new_lengths) != self.batch_size:
+            raise ValueError(f"rollback needs {self.batch_size} lengths, got {len(new_lengths)}")
+        for old, new in zip(self.lengths, new_lengths):
+            if not 0 <= new <= old:
+                raise ValueError(f"cannot roll back from length {old} to {new}")
+        self.lengths = list(new_lengths)
+        self._lengths_tensor = None
+
+    def select(self, rows: list[int]) -> "KVCache":
+        """A cache holding only these rows (a copy), for when rows leave a batch."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        return KVCache(self.keys.index_select(1, index), self.values.index_select(1, index),
+                       [self.lengths[r] for r in rows])

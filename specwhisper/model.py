@@ -1,0 +1,203 @@
+"""The Whisper network: audio encoder and text decoder, nothing else.
+
+No decoding logic, no hooks, no I/O. State lives outside the modules and is
+passed in explicitly: the decoder's self-attention KV cache (`KVCache`) and
+the cross-attention K/V computed once per audio window (`AudioKV`), both in
+`specwhisper.kv_cache`.
+
+Every released Whisper size (tiny ... large-v3, large-v3-turbo, distil-whisper)
+is this same code with different `ModelDims`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import attention
+from .kv_cache import AudioKV, KVCache
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_mels: int  # mel bins of the input: 80, or 128 for large-v3
+    n_audio_ctx: int  # encoder positions: 1500 (30 s at 50 frames/s after the stride-2 conv)
+    n_audio_state: int  # encoder width
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int  # 51864 (English-only), 51865 (multilingual), 51866 (large-v3)
+    n_text_ctx: int  # decoder positions: 448 tokens
+    n_text_state: int  # decoder width
+    n_text_head: int
+    n_text_layer: int  # 2 for distil-whisper, 4 for large-v3-turbo
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_text_state // self.n_text_head
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's fixed encoder positions: (length, channels), sin half then cos half."""
+    assert channels % 2 == 0
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, dtype=torch.float64))
+    scaled_time = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1).float()
+
+
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, n_head, width // n_head).transpose(1, 2)  # (B, H, T, D)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    batch, n_head, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, n_head * head_dim)  # (B, T, H*D)
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections only; which attention runs (encoder, cached self, cross) is the caller's choice."""
+
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)  # Whisper's key projection has no bias
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def encoder_forward(self, x: Tensor) -> Tensor:
+        """x: (B, S, C) -> (B, S, C), every position sees every other."""
+        q = split_heads(self.query(x), self.n_head)
+        k = split_heads(self.key(x), self.n_head)
+        v = split_heads(self.value(x), self.n_head)
+        return self.out(merge_heads(attention.encoder_attention(q, k, v)))
+
+    def cached_self_forward(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """x: (B, T, C) for T new tokens; writes their K/V into `cache` at its lengths."""
+        q = split_heads(self.query(x), self.n_head)
+        k_new = split_heads(self.key(x), self.n_head)
+        v_new = split_heads(self.value(x), self.n_head)
+        k_cache, v_cache = cache.write(layer, k_new, v_new)
+        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length())
+        return self.out(merge_heads(out))
+
+    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int) -> Tensor:
+        """x: (B, T, C) attends to the audio window's precomputed K/V."""
+        q = split_heads(self.query(x), self.n_head)
+        out = attention.cross_attention(q, audio_kv.keys[layer], audio_kv.values[layer])
+        return self.out(merge_heads(out))
+
+    def project_audio_kv(self, audio_features: Tensor) -> tuple[Tensor, Tensor]:
+        """audio_features: (B, S, C) -> K, V each (B, H, S, D). Done once per window."""
+        return split_heads(self.key(audio_features), self.n_head), split_heads(self.value(audio_features), self.n_head)
+
+
+def mlp(n_state: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.mlp = mlp(n_state)
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn.encoder_forward(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head)
+        self.cross_attn_ln = nn.LayerNorm(n_state)
+        self.mlp = mlp(n_state)
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache, layer: int) -> Tensor:
+        x = x + self.attn.cached_self_forward(self.attn_ln(x), cache, layer)
+        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        n_state = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(dims.n_audio_ctx, n_state))
+        self.blocks = nn.ModuleList(EncoderBlock(n_state, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+        self.ln_post = nn.LayerNorm(n_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel: (B, n_mels, 3000) -> audio features (B, 1500, n_audio_state)."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x))  # (B, C, 1500)
+        x = x.transpose(1, 2)  # (B, 1500, C)
+        if x.shape[1:] != self.positional_embedding.shape:
+            raise ValueError(f"encoder expects {2 * self.positional_embedding.shape[0]} mel frames, got {mel.shape[-1]}")
+        x = x + self.positional_embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        n_state = dims.n_text_state
+        self.token_embedding = nn.Embedding(dims.n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(dims.n_text_ctx, n_state))
+        self.blocks = nn.ModuleList(DecoderBlock(n_state, dims.n_text_head) for _ in range(dims.n_text_layer))
+        self.ln = nn.LayerNorm(n_state)
+
+    def audio_kv(self, audio_features: Tensor) -> AudioKV:
+        """Cross-attention K/V of every layer for these audio features, computed once per window."""
+        pairs = [block.cross_attn.project_audio_kv(audio_features) for block in self.blocks]
+        return AudioKV(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+
+    def forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache) -> Tensor:
+        """Run T new tokens per row at positions cache.lengths .. +T, append them to the cache.
+
+        tokens: (B, T) -> hidden states (B, T, n_text_state) after the final LayerNorm.
+        Use `logits` on the positions you need: greedy needs the last, verification all.
+        """
+        n_new = tokens.shape[1]
+        positions = cache.positions(n_new)  # (B, T)
+        x = self.token_embedding(tokens) + self.positional_embedding[positions]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, audio_kv, cache, layer)
+        cache.advance(n_new)
+        return self.ln(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, n_vocab) through the output projection tied to the token embedding."""
+        return hidden @ self.token_embedding.weight.T
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims)
+        self.decoder = TextDecoder(dims)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A preallocated self-attention cache sized for this decoder."""
+        dims = self.dims
+        param = self.decoder.token_embedding.weight
+        return KVCache.allocate(
+            n_layer=dims.n_text_layer, batch_size=batch_size, n_head=dims.n_text_head,
+            max_len=max_len or dims.n_text_ctx, head_dim=dims.head_dim, dtype=param.dtype, device=param.device,
+        )
