@@ -484,7 +484,9 @@ def mel_window(mel: torch.Tensor, content_frames: int, seek: int) -> torch.Tenso
     `log_mel_padded_audio` would give, so the two conventions disagree on those
     frames (and hence, occasionally, on the transcript).
     """
-    if not 0 <= seek < content_frames:
+    # seek == content_frames is allowed (an all-zero window) so that audio shorter
+    # than one hop (content_frames == 0) still has a first window.
+    if not 0 <= seek <= content_frames:
         raise ValueError(f"seek {seek} is outside the {content_frames} content frames")
     segment = mel[:, seek:seek + min(N_FRAMES, content_frames - seek)]
     return pad_or_trim(segment, N_FRAMES)

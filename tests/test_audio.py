@@ -217,8 +217,12 @@ def test_mel_window_slides_through_a_long_recording():
     tail = content_frames - N_FRAMES
     assert torch.equal(last[:, :tail], mel[:, N_FRAMES:content_frames])
     assert torch.all(last[:, tail:] == 0)
+    assert torch.all(mel_window(mel, content_frames, seek=content_frames) == 0)
     with pytest.raises(ValueError):
-        mel_window(mel, content_frames, seek=content_frames)
+        mel_window(mel, content_frames, seek=content_frames + 1)
+    # Audio shorter than one hop has no content frames but still a (silent) first window.
+    tiny_mel, tiny_frames = log_mel_windows(np.full(100, 0.1, np.float32))
+    assert tiny_frames == 0 and torch.all(mel_window(tiny_mel, tiny_frames, 0) == 0)
 
 
 def test_pad_or_trim_numpy_and_torch():
