@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import SpecWhisperError
+
 SAMPLE_RATE = 16000  # Hz, the only rate Whisper models see
 N_FFT = 400  # samples in an STFT window (25 ms)
 HOP_LENGTH = 160  # samples between STFT frames (10 ms)
@@ -54,7 +56,7 @@ WAVE_FORMAT_IEEE_FLOAT = 0x0003
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 
-class AudioError(ValueError):
+class AudioError(SpecWhisperError, ValueError):
     """A file that cannot be turned into audio samples; the message is one line
     naming the file and the problem, fit to print as is."""
 
