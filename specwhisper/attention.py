@@ -12,16 +12,204 @@ All tensors are (batch, heads, length, head_dim).
   before it). Keys past that are stale or unwritten slots and are masked.
 - `cross_attention`: decoder queries against the encoder output's K/V, no mask.
 - `encoder_attention`: encoder self-attention, no mask.
+
+Backends
+--------
+`set_attention_backend(name)` (or `with use_attention_backend(name):`) picks
+the implementation for all three:
+
+- "auto" (default): the Triton kernels for CUDA fp16 tensors on a GPU where
+  they are known to work (`triton_unavailable_reason` says why not), PyTorch
+  SDPA for everything else (CPU, bf16, fp32). If a kernel fails to compile or
+  launch, that attention kind warns once and uses SDPA for the rest of the
+  process.
+- "torch": always SDPA.
+- "triton": always the kernels; errors are raised, never hidden. On CPU tensors
+  this works only under the Triton interpreter (TRITON_INTERPRET=1 set before
+  `specwhisper.kernels` is first imported), which is how the tests run them.
+
+`last_backend_used()` and `backend_call_counts()` report which path ran.
 """
 
 from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from functools import cache
+from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "triton")
+ATTENTION_KINDS = ("self", "cross", "encoder")
+_KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # power-of-two tiles; Whisper uses 64 everywhere
 
+_backend = "auto"
+_last_used: dict[str, str] = {}  # kind -> backend that ran its latest call
+_call_counts: Counter[tuple[str, str]] = Counter()  # (kind, backend) -> calls
+_auto_disabled: dict[str, str] = {}  # kind -> error that made "auto" give up on Triton
+
+
+# ----------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------
+
+def set_attention_backend(name: str) -> None:
+    """Select "auto", "torch" or "triton" for all later attention calls."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    return _backend
+
+
+@contextmanager
+def use_attention_backend(name: str) -> Iterator[None]:
+    """Use backend `name` inside the block, then restore the previous one."""
+    previous = _backend
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+def last_backend_used() -> dict[str, str]:
+    """{"self" | "cross" | "encoder": "torch" | "triton"} for each kind's latest call."""
+    return dict(_last_used)
+
+
+def backend_call_counts() -> dict[str, dict[str, int]]:
+    """{kind: {backend: number of calls}} since the last `reset_backend_stats()`."""
+    counts: dict[str, dict[str, int]] = {}
+    for (kind, backend), n in _call_counts.items():
+        counts.setdefault(kind, {})[backend] = n
+    return counts
+
+
+def reset_backend_stats() -> None:
+    _last_used.clear()
+    _call_counts.clear()
+
+
+@cache
+def _kernels() -> SimpleNamespace:
+    """Import the kernel modules on first use: importing triton is slow, and its
+    interpreter switch (TRITON_INTERPRET) is read when the kernels are defined."""
+    from .kernels import cross_attention, decode_attention, encoder_attention
+    return SimpleNamespace(decode=decode_attention, cross=cross_attention, encoder=encoder_attention)
+
+
+def _kernels_interpreted() -> bool:
+    return type(_kernels().decode._attend_kv_split).__name__ == "InterpretedFunction"
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+    match = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+@cache
+def _device_verdict(kind: str, device: torch.device) -> str | None:
+    """None when "auto" may run the `kind` kernel on this CUDA device, else why not."""
+    try:
+        _kernels()
+    except Exception as err:  # ImportError, or a triton that fails to initialise
+        return f"triton is not importable ({type(err).__name__}: {err})"
+    if _kernels_interpreted():
+        return "TRITON_INTERPRET=1: the interpreter is a CPU emulator for tests"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 5):
+        return f"compute capability {capability} < (7, 5): older than the T4 the kernels are sized for"
+    # Triton <= 3.2 emits Turing's fp16 MMA; 3.3 aborts on fp16 dots below sm_80;
+    # >= 3.4 compiles them to FMA there (kernels/README.md has the details).
+    version = _triton_version()
+    if capability < (8, 0) and version[:2] == (3, 3):
+        # An LLVM abort kills the process; no try/except can fall back from it.
+        return "triton 3.3 aborts compiling fp16 tl.dot below sm_80 (use 3.2, or >= 3.4)"
+    if capability < (8, 0) and version >= (3, 3) and kind == "encoder":
+        return ("triton >= 3.3 lowers tl.dot to FMA below sm_80 (no tensor cores): "
+                "SDPA is faster for the compute-bound encoder")
+    return None
+
+
+def triton_unavailable_reason(kind: str, device: torch.device | str) -> str | None:
+    """None if "auto" would run the Triton kernel for `kind` on `device`, else the reason."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{device.type} tensors: the kernels are for CUDA (the interpreter is test-only)"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _device_verdict(kind, device)
+
+
+def _require_triton(q: Tensor) -> None:
+    """For the forced "triton" backend: raise a clear error where it cannot run."""
+    if q.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"attention backend 'triton' does not support {q.device.type} tensors")
+    try:
+        _kernels()
+    except Exception as err:
+        raise RuntimeError(f"attention backend 'triton' needs an importable triton: {err}") from err
+    if q.device.type == "cpu" and not _kernels_interpreted():
+        raise RuntimeError(
+            "attention backend 'triton' on CPU tensors runs only under the Triton interpreter: "
+            "set TRITON_INTERPRET=1 before specwhisper.kernels is first imported")
+    if q.device.type == "cuda" and not _kernels_interpreted():
+        if torch.cuda.get_device_capability(q.device) < (8, 0) and _triton_version() == (3, 3):
+            raise RuntimeError("triton 3.3 aborts compiling fp16 tl.dot below sm_80; use 3.2 or >= 3.4")
+
+
+def _choose(kind: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    if _backend == "torch":
+        return "torch"
+    if _backend == "triton":
+        _require_triton(q)
+        return "triton"
+    return "triton" if kind not in _auto_disabled and _auto_wants_triton(kind, q, k, v) else "torch"
+
+
+def _auto_wants_triton(kind: str, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """"auto"'s rule: CUDA fp16 with a kernel-sized head on a device that passes."""
+    if not (q.is_cuda and q.dtype == k.dtype == v.dtype == torch.float16
+            and q.shape[-1] in _KERNEL_HEAD_DIMS):
+        return False
+    return triton_unavailable_reason(kind, q.device) is None
+
+
+def _run_triton(kind: str, launch: Callable[[SimpleNamespace], Tensor]) -> Tensor | None:
+    """Run a kernel; in "auto", a failure warns once and returns None (use SDPA)."""
+    if _backend == "triton":
+        out = launch(_kernels())
+    else:
+        try:
+            out = launch(_kernels())
+        except Exception as err:
+            _auto_disabled[kind] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"specwhisper: the Triton {kind}-attention kernel failed ({_auto_disabled[kind]}); "
+                          "using PyTorch SDPA for it from now on", RuntimeWarning, stacklevel=3)
+            return None
+    _record(kind, "triton")
+    return out
+
+
+def _record(kind: str, backend: str) -> None:
+    _last_used[kind] = backend
+    _call_counts[kind, backend] += 1
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
 
 def causal_cache_mask(q_start: Tensor, n_new: int, n_keys: int) -> Tensor:
     """Boolean mask (B, 1, T, S): True where query i of row b may attend key j."""
@@ -39,6 +227,15 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
     Returns (B, H, T, D).
     """
     n_new = q.shape[2]
+    if _choose("self", q, k_cache, v_cache) == "triton":
+        # The kernel reads q_start on the device; uniform_start only bounds the
+        # key range for its split heuristic, so no host sync either way.
+        key_bound = None if uniform_start is None else uniform_start + n_new
+        out = _run_triton("self", lambda kern: kern.decode.decode_attention(
+            q, k_cache, v_cache, q_start, key_bound=key_bound))
+        if out is not None:
+            return out
+    _record("self", "torch")
     if uniform_start is not None:
         n_keys = uniform_start + n_new
         k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
@@ -54,9 +251,19 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q: (B, H, T, D); k, v: (B, H, S_audio, D). Returns (B, H, T, D)."""
+    if _choose("cross", q, k, v) == "triton":
+        out = _run_triton("cross", lambda kern: kern.cross.cross_attention(q, k, v))
+        if out is not None:
+            return out
+    _record("cross", "torch")
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def encoder_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q, k, v: (B, H, S, D). Returns (B, H, S, D)."""
+    if _choose("encoder", q, k, v) == "triton":
+        out = _run_triton("encoder", lambda kern: kern.encoder.encoder_attention(q, k, v))
+        if out is not None:
+            return out
+    _record("encoder", "torch")
     return F.scaled_dot_product_attention(q, k, v)
