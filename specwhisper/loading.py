@@ -10,6 +10,7 @@ import torch
 
 from .errors import WeightsError
 from .model import ModelDims, Whisper, sinusoids
+from .prepack import prepack_available, prepack_linears
 from .tokenizer import Tokenizer
 from .weights.hf_layout import dims_from_config, load_state_dict, read_json
 from .weights.resolve import resolve_model_folder
@@ -87,11 +88,12 @@ def load_network(folder: Path, device: torch.device, dtype: torch.dtype) -> tupl
 
 
 def load_model(name_or_path: str | os.PathLike = "base", device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> SpeechModel:
+               dtype: str | torch.dtype | None = None, prepack: bool = True) -> SpeechModel:
     """Load Whisper by name ('base', 'tiny.en', 'large-v3', ...), hub id, or local folder.
 
     device: 'cpu', 'cuda', ... (default: CUDA when available). dtype: float32 / float16 / bfloat16
-    (default: fp16 on CUDA, fp32 on CPU).
+    (default: fp16 on CUDA, fp32 on CPU). prepack: on the CPU in fp32, swap linear layers for
+    oneDNN-prepacked ones (specwhisper.prepack); turn off to keep plain nn.Linear modules (e.g. to train).
     """
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
@@ -103,6 +105,8 @@ def load_model(name_or_path: str | os.PathLike = "base", device: str | torch.dev
         raise ValueError("this GPU has no bfloat16 support (e.g. a T4): use float16")
     folder = resolve_model_folder(name_or_path)
     network, config = load_network(folder, device, dtype)
+    if prepack and prepack_available(device, dtype):
+        prepack_linears(network)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise WeightsError(f"{folder}: no tokenizer.json")

@@ -161,6 +161,9 @@ class TextDecoder(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(dims.n_text_ctx, n_state))
         self.blocks = nn.ModuleList(DecoderBlock(n_state, dims.n_text_head) for _ in range(dims.n_text_layer))
         self.ln = nn.LayerNorm(n_state)
+        # The output projection is tied to the token embedding; a faster module may stand in for it
+        # (specwhisper.prepack), computing the same product.
+        self.output_projection: nn.Module | None = None
 
     def audio_kv(self, audio_features: Tensor) -> AudioKV:
         """Cross-attention K/V of every layer for these audio features, computed once per window."""
@@ -183,6 +186,8 @@ class TextDecoder(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, n_vocab) through the output projection tied to the token embedding."""
+        if self.output_projection is not None:
+            return self.output_projection(hidden)
         return hidden @ self.token_embedding.weight.T
 
 
