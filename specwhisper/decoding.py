@@ -7,8 +7,9 @@ The pieces, each usable alone:
     at every drafted position with that position's own prefix.
   - `detect_language`: language-token probabilities at the start of transcript.
   - `prefill`: run the start-of-transcript prompts (of any lengths) into a fresh cache.
-  - `greedy_decode`: prefill, then one token per step until end-of-text or the
-    448-token context.
+  - `autoregressive_decode`: prefill, then one token per step (greedy, or sampled
+    at temperature > 0) until end-of-text or the 448-token context.
+  - `choose_token`: the argmax, or a sample at temperature > 0.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class DecodingOptions:
     suppress_blank: bool = True  # no space or end-of-text as the first token
     max_initial_timestamp: float = 1.0  # seconds: the first timestamp may not be later
     max_new_tokens: int | None = None  # None: until the decoder's context (448 tokens) is full
+    temperature: float = 0.0  # 0: greedy; above 0: sample from softmax(logits / temperature)
 
 
 @dataclass
@@ -196,10 +198,19 @@ def resolve_languages(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, l
     return [max(p, key=p.get) for p in probs], probs
 
 
-def greedy_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, rules: LogitRules,
-                  prompts: list[list[int]], options: DecodingOptions, stats: DecodeStats | None = None
-                  ) -> list[WindowResult]:
-    """Plain greedy decoding of a batch of windows: the reference speculative decoding must reproduce."""
+def choose_token(logits: Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """The next token from filtered logits (V,): argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, rules: LogitRules,
+                          prompts: list[list[int]], options: DecodingOptions, stats: DecodeStats | None = None,
+                          generator: torch.Generator | None = None) -> list[WindowResult]:
+    """One main-model pass per token, for a batch of windows. At temperature 0 this is plain greedy
+    decoding: the reference speculative decoding must reproduce token for token."""
     stats = stats if stats is not None else DecodeStats()
     batch = len(prompts)
     cache = model.new_cache(batch)
@@ -221,7 +232,7 @@ def greedy_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, rules
                 next_tokens.append(tokenizer.eot)
                 continue
             row_logits = rules.apply(logits[row], generated[row])
-            token = int(row_logits.argmax())
+            token = choose_token(row_logits, options.temperature, generator)
             sum_logprob[row] += float(torch.log_softmax(row_logits, dim=-1)[token])
             if token == tokenizer.eot:
                 finished[row] = True

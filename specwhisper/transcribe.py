@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import audio as audio_io
-from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowResult, build_prompts, greedy_decode,
+from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowResult, build_prompts, autoregressive_decode,
                        resolve_languages)
 from .loading import SpeechModel
 
@@ -64,7 +64,7 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
         rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                            model.dims.n_vocab)
         if assistant is None:
-            results = greedy_decode(model.network, model.tokenizer, audio_kv, rules, prompts, options, stats)
+            results = autoregressive_decode(model.network, model.tokenizer, audio_kv, rules, prompts, options, stats)
         else:
             from .speculative import speculative_decode
 
