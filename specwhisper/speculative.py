@@ -1,0 +1,507 @@
+"""Speculative decoding: an assistant drafts, the main model verifies several tokens per pass.
+
+One round, for every row of a batch of audio windows:
+  1. `sync_assistant`: bring the assistant's cache to exactly the accepted text (roll
+     back to the longest common prefix, feed the rest in one pass).
+  2. `draft`: the assistant proposes γ tokens, one cheap step each.
+  3. verify: the main model runs its last accepted token plus the γ drafts in one
+     pass (γ+1 positions, causal inside the block) against its cache.
+  4. `greedy_accept` (or `sample_accept` at temperature > 0): keep the longest
+     agreeing prefix plus the main model's own next token; roll the main cache back
+     past the rejected drafts. The result is the main model's output, token for
+     token (greedy) or in distribution (sampling).
+
+Assistant kinds (`load_assistant` picks one):
+  - same vocabulary, own encoder (e.g. whisper-tiny drafting for whisper-base);
+  - same vocabulary, shared encoder (distil-whisper for its teacher: the encoder is a
+    frozen copy, verified tensor by tensor before it is shared);
+  - cross-tokenizer (e.g. tiny.en, English-only vocabulary, drafting for multilingual
+    base): drafts are turned into text and re-tokenized for the main model, and the
+    assistant is re-synced to the re-tokenized accepted text after every round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowResult, autoregressive_decode, choose_token,
+                       no_speech_probs, prefill, token_budget)
+from .errors import IncompatibleAssistantError
+from .kv_cache import AudioKV, KVCache
+from .loading import SpeechModel, load_model
+from .tokenizer import Tokenizer
+
+
+# ----------------------------------------------------------------------------- accept rules (pure)
+
+def greedy_accept(main_choices: list[int], drafts: list[int]) -> int:
+    """How many drafts agree with the main model's greedy choices at their positions.
+
+    main_choices[i] is the main model's token after the accepted prefix plus drafts[:i];
+    it may be shorter than drafts + 1 when the caller stopped at the first disagreement.
+    """
+    accepted = 0
+    while accepted < len(drafts) and accepted < len(main_choices) and main_choices[accepted] == drafts[accepted]:
+        accepted += 1
+    return accepted
+
+
+def sample_accept(p: Tensor, q: Tensor | None, draft: int, generator: torch.Generator | None) -> tuple[bool, int | None]:
+    """Speculative sampling's rule for one drafted token.
+
+    p: the main model's distribution (V,) at this position; q: the assistant's (V,), or None
+    when the draft is a fixed proposal (a point mass on `draft`, as for cross-tokenizer drafts,
+    whose distribution is over another vocabulary). Accept with probability min(1, p/q);
+    otherwise return a replacement sampled from max(0, p - q), normalized. Either way the token
+    that results is distributed exactly as p.
+    """
+    p_draft = float(p[draft])
+    q_draft = 1.0 if q is None else float(q[draft])
+    if q_draft > 0 and torch.rand((), generator=generator).item() < min(1.0, p_draft / q_draft):
+        return True, None
+    residual = p.clone()
+    if q is None:
+        residual[draft] = 0.0
+    else:
+        residual = torch.clamp(p - q, min=0.0)
+    total = float(residual.sum())
+    if total <= 0:  # p == q up to rounding: any token of p is a correct replacement
+        residual, total = p, float(p.sum())
+    return False, int(torch.multinomial(residual / total, 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------- draft length
+
+@dataclass
+class DraftLengthController:
+    """Chooses γ, the number of tokens drafted per main-model pass.
+
+    constant: always `gamma`. adaptive: estimate the acceptance rate α and the costs of a
+    draft step and of a verify pass as they are measured, then pick the γ that maximizes
+    expected tokens per second, E[tokens] / (γ·t_draft + t_verify(γ+1)), with
+    E[tokens] = (1 - α^(γ+1)) / (1 - α). γ = 0 (no drafting, one token per pass) wins when
+    drafts don't pay; then drafting is re-probed with γ = 1 every `probe_every` tokens.
+    """
+
+    gamma: int = 4
+    adaptive: bool = True
+    max_gamma: int = 12
+    probe_every: int = 32
+    acceptance: float = 0.7  # running estimate of α (per drafted token)
+    draft_step_seconds: float | None = None
+    verify_base_seconds: float | None = None  # cost of a pass, fixed part
+    verify_per_token_seconds: float = 0.0  # and per extra position
+    tokens_since_off: int = 0
+    smoothing: float = 0.25
+
+    def next_gamma(self) -> int:
+        if not self.adaptive:
+            return self.gamma
+        if self.gamma == 0:
+            if self.tokens_since_off >= self.probe_every:
+                self.tokens_since_off = 0
+                return 1
+            return 0
+        return self.gamma
+
+    def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float, n_positions: int,
+               tokens: int) -> None:
+        if not self.adaptive:
+            return
+        if drafted == 0:
+            self.tokens_since_off += tokens
+            self._note_verify(verify_seconds, n_positions)
+            return
+        rate = accepted / drafted
+        self.acceptance += self.smoothing * (rate - self.acceptance)
+        step = draft_seconds / drafted
+        self.draft_step_seconds = step if self.draft_step_seconds is None else \
+            self.draft_step_seconds + self.smoothing * (step - self.draft_step_seconds)
+        self._note_verify(verify_seconds, n_positions)
+        self.gamma = self.best_gamma()
+
+    def _note_verify(self, seconds: float, n_positions: int) -> None:
+        # One pass's cost is nearly flat in the number of positions on memory-bound hardware;
+        # track it as a running average normalised to a single position.
+        per_pass = seconds - self.verify_per_token_seconds * (n_positions - 1)
+        self.verify_base_seconds = per_pass if self.verify_base_seconds is None else \
+            self.verify_base_seconds + self.smoothing * (per_pass - self.verify_base_seconds)
+
+    def expected_tokens(self, gamma: int) -> float:
+        alpha = min(self.acceptance, 0.999)
+        return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+    def best_gamma(self) -> int:
+        if self.draft_step_seconds is None or self.verify_base_seconds is None:
+            return self.gamma
+        def rate(g: int) -> float:
+            cost = g * self.draft_step_seconds + self.verify_base_seconds + g * self.verify_per_token_seconds
+            return self.expected_tokens(g) / cost
+        best = max(range(0, self.max_gamma + 1), key=rate)
+        if best == 0:
+            self.tokens_since_off = 0
+        return best
+
+
+# ----------------------------------------------------------------------------- assistants
+
+@dataclass
+class TokenBridge:
+    """Maps token sequences between two byte-level vocabularies through their bytes.
+
+    Text tokens become bytes and are re-encoded; special tokens (end-of-text, timestamps)
+    map by name. Used only when the vocabularies differ.
+    """
+
+    source: Tokenizer
+    target: Tokenizer
+
+    def convert(self, tokens: list[int], stop_at_unknown: bool = False) -> list[int]:
+        out: list[int] = []
+        text = bytearray()
+        for token in tokens:
+            if token < self.source.eot:
+                text += self.source.token_bytes(token)
+                continue
+            if text:
+                out += self.target.encode_bytes(bytes(text))
+                text.clear()
+            mapped = self.target.id_of_special(self.source.special_name(token) or "")
+            if mapped is None:
+                if stop_at_unknown:
+                    return out
+                raise IncompatibleAssistantError(
+                    f"token {self.source.special_name(token)} has no counterpart in the other vocabulary")
+            out.append(mapped)
+        if text:
+            out += self.target.encode_bytes(bytes(text))
+        return out
+
+
+@dataclass
+class Assistant:
+    """A model that drafts for a main model, and how its tokens relate to the main model's."""
+
+    model: SpeechModel
+    kind: str  # "same-vocabulary", "shared-encoder" or "cross-tokenizer"
+    controller_template: DraftLengthController = field(default_factory=DraftLengthController)
+
+    @property
+    def shares_encoder(self) -> bool:
+        return self.kind == "shared-encoder"
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.kind == "cross-tokenizer"
+
+    def new_controller(self) -> DraftLengthController:
+        t = self.controller_template
+        return DraftLengthController(gamma=t.gamma, adaptive=t.adaptive, max_gamma=t.max_gamma,
+                                     probe_every=t.probe_every)
+
+    def can_draft(self, language: str | None) -> bool:
+        return self.model.tokenizer.multilingual or language in (None, "en")
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    if a.n_vocab != b.n_vocab or a.eot != b.eot or a.timestamp_begin != b.timestamp_begin:
+        return False
+    return all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.eot))
+
+
+def encoders_match(main: SpeechModel, assistant: SpeechModel, atol: float = 1e-3) -> bool:
+    """True when the assistant's encoder is the main model's, tensor for tensor (a distil-whisper student)."""
+    if main.dims.n_audio_state != assistant.dims.n_audio_state or main.dims.n_audio_layer != assistant.dims.n_audio_layer:
+        return False
+    ours, theirs = main.network.encoder.state_dict(), assistant.network.encoder.state_dict()
+    if ours.keys() != theirs.keys():
+        return False
+    for name, tensor in ours.items():
+        other = theirs[name]
+        if tensor.shape != other.shape:
+            return False
+        if tensor.dtype != other.dtype or tensor.is_mkldnn or other.is_mkldnn:
+            tensor, other = tensor.to_dense().float() if tensor.is_mkldnn else tensor.float(), \
+                other.to_dense().float() if other.is_mkldnn else other.float()
+        if not torch.allclose(tensor, other, atol=atol, rtol=0):
+            return False
+    return True
+
+
+def make_assistant(main: SpeechModel, assistant: SpeechModel, draft_length: int | None = None) -> Assistant:
+    """Decide how `assistant` can draft for `main`, or raise IncompatibleAssistantError (one line)."""
+    if assistant.dims.n_mels != main.dims.n_mels:
+        raise IncompatibleAssistantError(
+            f"assistant {assistant.name} reads {assistant.dims.n_mels} mel bins but {main.name} reads {main.dims.n_mels}; "
+            "pick an assistant of the same family (e.g. large-v3 with distil-large-v3)")
+    if same_vocabulary(main.tokenizer, assistant.tokenizer):
+        kind = "shared-encoder" if encoders_match(main, assistant) else "same-vocabulary"
+    else:
+        kind = "cross-tokenizer"
+        if assistant.tokenizer.id_of_special("<|0.00|>") is None or main.tokenizer.id_of_special("<|0.00|>") is None:
+            raise IncompatibleAssistantError(f"assistant {assistant.name}: its vocabulary has no timestamp tokens")
+    controller = DraftLengthController(gamma=draft_length, adaptive=False) if draft_length else DraftLengthController()
+    if draft_length is not None and draft_length < 1:
+        raise IncompatibleAssistantError("--draft-length must be at least 1")
+    return Assistant(model=assistant, kind=kind, controller_template=controller)
+
+
+def load_assistant(main: SpeechModel, name_or_path: str, draft_length: int | None = None) -> Assistant:
+    """Load an assistant on the main model's device and dtype and check it can draft for it."""
+    assistant = load_model(name_or_path, device=main.device, dtype=main.dtype)
+    return make_assistant(main, assistant, draft_length)
+
+
+# ----------------------------------------------------------------------------- the decoding loop
+
+@dataclass
+class AssistantState:
+    """The assistant's cache and the tokens it holds, per row."""
+
+    cache: KVCache
+    fed: list[list[int]]  # per row: exactly the tokens whose K/V are in the cache
+    prompts: list[list[int]]
+
+
+def feed_rows(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
+    """Feed each row its own block of tokens (lengths may differ, empty allowed) in one pass.
+
+    Short rows are padded with `filler` and rolled back to their real length afterwards.
+    Returns the float logits (B, V) after each row's last real token (rows with an empty block: zeros).
+    """
+    longest = max(len(b) for b in blocks)
+    device = audio_kv.keys[0].device
+    start = list(cache.lengths)
+    padded = torch.tensor([b + [filler] * (longest - len(b)) for b in blocks], dtype=torch.long, device=device)
+    hidden = model.network.decoder(padded, audio_kv, cache)  # (B, T, C)
+    cache.rollback([s + len(b) for s, b in zip(start, blocks)])
+    last = torch.tensor([max(len(b) - 1, 0) for b in blocks], device=device)
+    rows = torch.arange(len(blocks), device=device)
+    return model.network.decoder.logits(hidden[rows, last]).float()
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def sync_assistant(assistant: Assistant, state: AssistantState, audio_kv: AudioKV, targets: list[list[int] | None]
+                   ) -> Tensor:
+    """Make each active row's assistant context exactly `targets[row]` and return its next-token logits.
+
+    Rows whose target is None are inactive: fed nothing, logits ignored. The cache is rolled back
+    to the longest common prefix of what it holds and the target; at least the last target token is
+    re-fed so its logits are fresh.
+    """
+    blocks = []
+    keep_lengths = list(state.cache.lengths)
+    for row, target in enumerate(targets):
+        if target is None:
+            blocks.append([])
+            continue
+        keep = min(common_prefix_length(state.fed[row], target), len(target) - 1)
+        blocks.append(target[keep:])
+        state.fed[row] = target
+        keep_lengths[row] = keep
+    state.cache.rollback(keep_lengths)  # O(1): only the lengths move
+    return feed_rows(assistant.model, audio_kv, state.cache, blocks, filler=assistant.model.tokenizer.eot)
+
+
+def draft(assistant: Assistant, state: AssistantState, audio_kv: AudioKV, logits: Tensor, rules: LogitRules,
+          active: list[bool], gamma: int, temperature: float, generator: torch.Generator | None
+          ) -> tuple[list[list[int]], list[list[Tensor]]]:
+    """γ assistant tokens per active row, each a step after the last. Returns drafts and, when
+    sampling, the assistant's distribution for each drafted token."""
+    eot = assistant.model.tokenizer.eot
+    drafts: list[list[int]] = [[] for _ in active]
+    dists: list[list[Tensor]] = [[] for _ in active]
+    already = [state.fed[row][len(state.prompts[row]):] for row in range(len(active))]  # accepted text, as assistant tokens
+    drafting = list(active)
+    for step in range(gamma):
+        for row in range(len(active)):
+            if not drafting[row]:
+                continue
+            filtered = rules.apply(logits[row], already[row] + drafts[row])
+            if temperature > 0:
+                q = torch.softmax(filtered / temperature, dim=-1)
+                token = int(torch.multinomial(q, 1, generator=generator))
+                dists[row].append(q)
+            else:
+                token = int(filtered.argmax())
+            drafts[row].append(token)
+            if token == eot:
+                drafting[row] = False
+        if step == gamma - 1 or not any(drafting):
+            break  # the last draft needs no assistant pass: its successor is the main model's job
+        blocks = [[drafts[row][-1]] if drafting[row] else [] for row in range(len(active))]
+        logits = feed_rows(assistant.model, audio_kv, state.cache, blocks, filler=eot)
+        for row in range(len(active)):
+            if drafting[row]:
+                state.fed[row] = state.fed[row] + [drafts[row][-1]]
+    return drafts, dists
+
+
+def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, audio_kv: AudioKV, features: Tensor,
+                       rules: LogitRules, prompts: list[list[int]], languages: list[str | None],
+                       options: DecodingOptions, stats: DecodeStats, generator: torch.Generator | None = None
+                       ) -> list[WindowResult]:
+    """Decode a batch of windows with drafts from `assistant`; equals `autoregressive_decode`'s greedy output."""
+    if not all(assistant.can_draft(lang) for lang in languages):
+        warnings.warn(f"assistant {assistant.model.name} is English-only and the audio is in "
+                      f"{', '.join(sorted(set(str(l) for l in languages)))}: decoding without an assistant",
+                      stacklevel=2)
+        return autoregressive_decode(main.network, main.tokenizer, audio_kv, rules, prompts, options, stats, generator)
+
+    batch = len(prompts)
+    tokenizer, a_tokenizer = main.tokenizer, assistant.model.tokenizer
+    to_assistant = TokenBridge(tokenizer, a_tokenizer).convert if assistant.cross_tokenizer else list
+    to_main = (lambda t: TokenBridge(a_tokenizer, tokenizer).convert(t, stop_at_unknown=True)) \
+        if assistant.cross_tokenizer else list
+
+    started = time.perf_counter()
+    if assistant.shares_encoder:
+        a_audio_kv = assistant.model.network.decoder.audio_kv(features)
+    else:
+        a_features = assistant.model.network.encoder(mel.to(assistant.model.device, assistant.model.dtype))
+        a_audio_kv = assistant.model.network.decoder.audio_kv(a_features)
+    stats.encoder_seconds += time.perf_counter() - started
+
+    a_rules = LogitRules(a_tokenizer, assistant.model.suppress_tokens, assistant.model.begin_suppress_tokens,
+                         options, assistant.model.dims.n_vocab)
+    a_prompts = []
+    for prompt, language in zip(prompts, languages):
+        sot_at = prompt.index(tokenizer.sot)
+        previous = prompt[1:sot_at] if sot_at > 0 else []  # text after <|startofprev|>
+        a_prompt = a_tokenizer.sot_sequence(language if a_tokenizer.multilingual else None, options.task,
+                                            options.timestamps)
+        if previous:
+            a_prompt = [a_tokenizer.sot_prev] + to_assistant(previous) + a_prompt
+        a_prompts.append(a_prompt)
+    state = AssistantState(cache=assistant.model.network.new_cache(batch), fed=[[] for _ in range(batch)],
+                           prompts=a_prompts)
+
+    main_cache = main.network.new_cache(batch)
+    started = time.perf_counter()
+    logits, prompt_hidden = prefill(main.network, audio_kv, prompts, main_cache)
+    no_speech = no_speech_probs(main.network, tokenizer, prompt_hidden, prompts)
+    stats.prefill_seconds += time.perf_counter() - started
+
+    budgets = [token_budget(main.network, len(p), options) for p in prompts]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    from_draft: list[list[bool]] = [[] for _ in range(batch)]
+    sum_logprob = [0.0] * batch
+    finished = [False] * batch
+    controller = assistant.new_controller()
+    a_context = assistant.model.dims.n_text_ctx
+
+    def commit(row: int, token: int, filtered: Tensor, drafted: bool) -> None:
+        """Append the main model's decided token (or finish the row on end-of-text / budget)."""
+        sum_logprob[row] += float(torch.log_softmax(filtered, dim=-1)[token])
+        if token == tokenizer.eot:
+            finished[row] = True
+            return
+        generated[row].append(token)
+        from_draft[row].append(drafted)
+        if len(generated[row]) >= budgets[row]:
+            finished[row] = True
+
+    for row in range(batch):  # the first token comes from the prompt's logits
+        filtered = rules.apply(logits[row], [])
+        commit(row, choose_token(filtered, options.temperature, generator), filtered, drafted=False)
+
+    while not all(finished):
+        active = [not f for f in finished]
+        gamma = controller.next_gamma()
+        started = time.perf_counter()
+        if gamma > 0:
+            targets = [a_prompts[r] + to_assistant(generated[r]) if active[r] else None for r in range(batch)]
+            # A row whose assistant context would overflow (a cross-tokenizer assistant may need more
+            # tokens for the same text) simply gets no drafts this round.
+            targets = [t if t is not None and len(t) + gamma <= a_context else None for t in targets]
+            drafting = [t is not None for t in targets]
+            if any(drafting):
+                a_logits = sync_assistant(assistant, state, a_audio_kv, targets)
+                a_drafts, a_dists = draft(assistant, state, a_audio_kv, a_logits, a_rules, drafting, gamma,
+                                          options.temperature, generator)
+            else:
+                a_drafts, a_dists = [[] for _ in range(batch)], [[] for _ in range(batch)]
+            main_drafts = [to_main(d) if drafting[r] else [] for r, d in enumerate(a_drafts)]
+        else:
+            a_dists = [[] for _ in range(batch)]
+            main_drafts = [[] for _ in range(batch)]
+        draft_seconds = time.perf_counter() - started
+
+        # Verify: the last decided token and the drafts, in one main-model pass.
+        started = time.perf_counter()
+        room = main.network.dims.n_text_ctx - max(main_cache.lengths)
+        for row in range(batch):
+            # A row may not draft past its token budget, nor the batch past the cache.
+            main_drafts[row] = main_drafts[row][:max(0, min(budgets[row] - len(generated[row]), room - 1))]
+        blocks = [[generated[r][-1]] + main_drafts[r] if active[r] and generated[r] else [] for r in range(batch)]
+        starts = list(main_cache.lengths)
+        longest = max(len(b) for b in blocks)
+        padded = torch.tensor([b + [tokenizer.eot] * (longest - len(b)) for b in blocks], dtype=torch.long,
+                              device=audio_kv.keys[0].device)
+        hidden = main.network.decoder(padded, audio_kv, main_cache)
+        verify_logits = main.network.decoder.logits(hidden).float()  # (B, T, V)
+        stats.main_passes += 1
+
+        new_lengths = []
+        n_drafted = n_accepted = n_tokens = 0
+        for row in range(batch):
+            if not blocks[row]:
+                new_lengths.append(starts[row])
+                continue
+            drafts_row = main_drafts[row]
+            accepted = 0
+            for i in range(len(drafts_row) + 1):
+                filtered = rules.apply(verify_logits[row, i], generated[row])
+                if i < len(drafts_row):
+                    if options.temperature > 0:
+                        p = torch.softmax(filtered / options.temperature, dim=-1)
+                        q = a_dists[row][i] if (not assistant.cross_tokenizer and i < len(a_dists[row])) else None
+                        ok, replacement = sample_accept(p, q, drafts_row[i], generator)
+                    else:
+                        choice = int(filtered.argmax())
+                        ok, replacement = greedy_accept([choice], drafts_row[i:i + 1]) == 1, choice
+                    if ok:
+                        accepted += 1
+                        commit(row, drafts_row[i], filtered, drafted=True)
+                        if finished[row]:
+                            break
+                        continue
+                    commit(row, replacement, filtered, drafted=False)
+                else:  # every draft passed: the main model's bonus token
+                    commit(row, choose_token(filtered, options.temperature, generator), filtered, drafted=False)
+                break
+            n_drafted += len(drafts_row)
+            n_accepted += accepted
+            n_tokens += accepted + 1
+            # Keep the last decided token plus the accepted drafts; forget the rejected ones.
+            new_lengths.append(starts[row] + 1 + accepted)
+        main_cache.rollback(new_lengths)
+        verify_seconds = time.perf_counter() - started
+        stats.drafted += n_drafted
+        stats.accepted += n_accepted
+        stats.draft_seconds += draft_seconds
+        stats.verify_seconds += verify_seconds
+        controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, longest, n_tokens)
+
+    results = []
+    for row in range(batch):
+        ended = len(generated[row]) < budgets[row]
+        n = len(generated[row]) + (1 if ended else 0)
+        results.append(WindowResult(tokens=generated[row], language=None, avg_logprob=sum_logprob[row] / max(n, 1),
+                                    no_speech_prob=no_speech[row], finished=ended, draft_mask=from_draft[row]))
+        stats.generated_tokens += len(generated[row])
+    return results
