@@ -1,0 +1,275 @@
+"""Speculative decoding returns the main model's own output.
+
+Greedy: token for token, on random-weight models with a perfect and a deliberately bad
+draft, in batches, and on every real dev clip for base with tiny.en drafting across
+vocabularies. Sampling: the acceptance rule's output distribution is the main model's,
+checked statistically on small synthetic distributions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import read_manifest
+from random_models import english_tokenizer_json, make_random_model, write_hf_folder
+from specwhisper import audio, load_model
+from specwhisper.decoding import DecodeStats, DecodingOptions
+from specwhisper.errors import IncompatibleAssistantError
+from specwhisper.speculative import (DraftLengthController, TokenBridge, greedy_accept, make_assistant,
+                                     sample_accept)
+from specwhisper.transcribe import decode_window, first_window_mel
+
+# ---------------------------------------------------------------- the pure accept rules
+
+
+def test_greedy_accept_takes_the_longest_agreeing_prefix():
+    assert greedy_accept([5, 6, 7, 8], [5, 6, 7]) == 3  # all drafts pass (8 is the bonus token)
+    assert greedy_accept([5, 9, 7, 8], [5, 6, 7]) == 1  # stops at the first disagreement
+    assert greedy_accept([4, 6, 7, 8], [5, 6, 7]) == 0
+    assert greedy_accept([5], [5, 6, 7]) == 1  # choices computed lazily up to the first mismatch
+    assert greedy_accept([5], []) == 0
+
+
+def empirical(p: torch.Tensor, q: torch.Tensor | None, draw: torch.Tensor, trials: int, seed: int) -> torch.Tensor:
+    """Distribution of the token speculative sampling emits, drafting from `draw`."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(len(p))
+    for _ in range(trials):
+        draft = int(torch.multinomial(draw, 1, generator=generator))
+        accepted, replacement = sample_accept(p, q, draft, generator)
+        counts[draft if accepted else replacement] += 1
+    return counts / trials
+
+
+@pytest.mark.parametrize("case", ["q from the assistant", "point-mass proposal"])
+def test_speculative_sampling_reproduces_the_main_distribution(case):
+    p = torch.tensor([0.50, 0.05, 0.25, 0.15, 0.05])
+    q = torch.tensor([0.10, 0.40, 0.20, 0.05, 0.25])  # a poor draft: far from p
+    trials = 40_000
+    if case == "q from the assistant":
+        result = empirical(p, q, q, trials, seed=0)
+    else:  # cross-tokenizer drafts: the proposal is the drafted token itself, drawn however
+        result = empirical(p, None, q, trials, seed=1)
+    # 4.5 standard errors of a binomial proportion: a wrong rule misses by far more.
+    tolerance = 4.5 * torch.sqrt(p * (1 - p) / trials)
+    assert torch.all((result - p).abs() < tolerance), (result, p)
+    # The naive rule "keep the draft" would return q; make sure the test can tell the difference.
+    assert torch.any((q - p).abs() > 10 * tolerance)
+
+
+def test_a_wrong_residual_would_be_caught():
+    """Sampling the replacement from p instead of max(0, p - q) biases the output: the check above sees it."""
+    p = torch.tensor([0.50, 0.05, 0.25, 0.15, 0.05])
+    q = torch.tensor([0.10, 0.40, 0.20, 0.05, 0.25])
+    generator = torch.Generator().manual_seed(2)
+    trials, counts = 40_000, torch.zeros(5)
+    for _ in range(trials):
+        draft = int(torch.multinomial(q, 1, generator=generator))
+        if torch.rand((), generator=generator) < min(1.0, float(p[draft] / q[draft])):
+            counts[draft] += 1
+        else:
+            counts[int(torch.multinomial(p, 1, generator=generator))] += 1
+    tolerance = 4.5 * torch.sqrt(p * (1 - p) / trials)
+    assert torch.any((counts / trials - p).abs() > tolerance)
+
+
+# ---------------------------------------------------------------- draft length
+
+
+def test_adaptive_draft_length_grows_with_cheap_accurate_drafts_and_stops_when_they_do_not_pay():
+    controller = DraftLengthController(gamma=4)
+    for _ in range(10):  # drafts cost 2% of a pass and nearly all pass
+        controller.update(drafted=4, accepted=4, draft_seconds=0.0008, verify_seconds=0.01, n_positions=5, tokens=5)
+    assert controller.next_gamma() > 4
+    slow = DraftLengthController(gamma=4)
+    for _ in range(10):  # drafts cost as much as a pass and half are rejected
+        slow.update(drafted=4, accepted=1, draft_seconds=0.04, verify_seconds=0.01, n_positions=5, tokens=2)
+    assert slow.next_gamma() == 0
+    slow.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.01, n_positions=1, tokens=40)
+    assert slow.next_gamma() == 1  # re-probes after enough tokens without drafting
+
+
+def test_constant_draft_length_stays_put():
+    controller = DraftLengthController(gamma=3, adaptive=False)
+    controller.update(drafted=3, accepted=0, draft_seconds=1.0, verify_seconds=0.01, n_positions=4, tokens=1)
+    assert controller.next_gamma() == 3
+
+
+# ---------------------------------------------------------------- random-weight models
+
+
+@pytest.fixture(scope="module")
+def random_main(tmp_path_factory):
+    return make_random_model(tmp_path_factory.mktemp("main") / "m", seed=11, n_text_layer=3)
+
+
+@pytest.fixture(scope="module")
+def random_mels():
+    torch.manual_seed(5)
+    return torch.randn(3, 80, 3000)
+
+
+def decode(model, mels, assistant=None, **options):
+    stats = DecodeStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a silent fallback to plain greedy would make these tests vacuous
+        results = decode_window(model, mels, DecodingOptions(max_new_tokens=40, **options), assistant=assistant,
+                                stats=stats)
+    return [r.tokens for r in results], stats
+
+
+def test_perfect_draft_is_always_accepted_and_output_equals_greedy(random_main, random_mels, tmp_path):
+    folder = write_hf_folder(copy_of_network(random_main), tmp_path / "copy", english_tokenizer_json())
+    assistant = make_assistant(random_main, load_model(folder, device="cpu", dtype=torch.float32), draft_length=5)
+    assert assistant.kind == "shared-encoder"  # identical encoder: detected and shared
+    greedy, _ = decode(random_main, random_mels[:1])
+    spec, stats = decode(random_main, random_mels[:1], assistant)
+    assert spec == greedy
+    assert stats.drafted > 20 and stats.accepted == stats.drafted
+    assert stats.main_passes < len(greedy[0]) / 3
+
+
+def copy_of_network(model):
+    """The model's network as plain layers (prepacked layers cannot be saved), from its own folder."""
+    return load_model(model.folder, device="cpu", dtype=torch.float32, prepack=False).network
+
+
+def test_bad_draft_is_mostly_rejected_and_output_still_equals_greedy(random_main, random_mels, tmp_path):
+    bad = make_random_model(tmp_path / "bad", seed=99)  # unrelated weights, own encoder
+    assistant = make_assistant(random_main, bad, draft_length=4)
+    assert assistant.kind == "same-vocabulary"
+    greedy, _ = decode(random_main, random_mels)
+    spec, stats = decode(random_main, random_mels, assistant)
+    assert spec == greedy
+    assert stats.drafted > 0 and stats.acceptance_rate < 0.3
+
+
+def test_partly_right_draft_equals_greedy_with_adaptive_length(random_main, random_mels, tmp_path):
+    network = copy_of_network(random_main)
+    with torch.no_grad():  # perturb the last decoder layer: drafts agree often, not always
+        for p in network.decoder.blocks[-1].mlp.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = write_hf_folder(network, tmp_path / "noisy", english_tokenizer_json())
+    assistant = make_assistant(random_main, load_model(folder, device="cpu", dtype=torch.float32))
+    greedy, _ = decode(random_main, random_mels)
+    spec, stats = decode(random_main, random_mels, assistant)
+    assert spec == greedy
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_batch_rows_equal_each_row_alone(random_main, random_mels, tmp_path):
+    network = copy_of_network(random_main)
+    with torch.no_grad():
+        for p in network.decoder.blocks[0].attn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder = write_hf_folder(network, tmp_path / "noisy0", english_tokenizer_json())
+    assistant = make_assistant(random_main, load_model(folder, device="cpu", dtype=torch.float32), draft_length=3)
+    batched, _ = decode(random_main, random_mels, assistant)
+    alone = [decode(random_main, random_mels[i:i + 1], assistant)[0][0] for i in range(3)]
+    assert batched == alone
+    assert len({len(t) for t in batched}) > 1 or batched[0] != batched[1]  # rows really differ
+
+
+def test_timestamp_mode_equals_greedy(random_main, random_mels, tmp_path):
+    bad = make_random_model(tmp_path / "bad_ts", seed=7)
+    assistant = make_assistant(random_main, bad, draft_length=3)
+    greedy, _ = decode(random_main, random_mels[:2], timestamps=True)
+    spec, _ = decode(random_main, random_mels[:2], assistant, timestamps=True)
+    assert spec == greedy
+
+
+def test_sampling_runs_and_respects_the_rules(random_main, random_mels, tmp_path):
+    bad = make_random_model(tmp_path / "bad_s", seed=8)
+    assistant = make_assistant(random_main, bad, draft_length=3)
+    generator_tokens, stats = decode(random_main, random_mels[:1], assistant, temperature=1.0)
+    tokenizer = random_main.tokenizer
+    assert all(t not in set(random_main.suppress_tokens) for t in generator_tokens[0])
+    assert stats.drafted > 0
+
+
+def test_mismatched_mel_bins_are_refused(random_main, tmp_path):
+    other = make_random_model(tmp_path / "m128", n_mels=128)
+    with pytest.raises(IncompatibleAssistantError, match="mel bins"):
+        make_assistant(random_main, other)
+
+
+# ---------------------------------------------------------------- real speech: base with tiny.en
+
+
+def test_token_bridge_round_trips_text_and_timestamps(base_model, tiny_en_model):
+    to_en = TokenBridge(base_model.tokenizer, tiny_en_model.tokenizer)
+    back = TokenBridge(tiny_en_model.tokenizer, base_model.tokenizer)
+    text = base_model.tokenizer.encode(" And so, my fellow Americans: ask not.")
+    ts = base_model.tokenizer.timestamp_begin
+    tokens = [ts + 0] + text + [ts + 150]
+    mapped = to_en.convert(tokens)
+    assert mapped[0] == tiny_en_model.tokenizer.timestamp_begin
+    assert mapped[-1] == tiny_en_model.tokenizer.timestamp_begin + 150
+    assert tiny_en_model.tokenizer.decode(mapped) == base_model.tokenizer.decode(text)
+    assert back.convert(mapped) == tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_en_assistant(base_model, tiny_en_model):
+    assistant = make_assistant(base_model, tiny_en_model)
+    assert assistant.kind == "cross-tokenizer"
+    return assistant
+
+
+def test_speculative_equals_greedy_on_every_dev_clip_base_with_tiny_en(base_model, tiny_en_assistant):
+    rows = read_manifest("dev")
+    assert len(rows) == 40
+    total = DecodeStats()
+    mismatches = []
+    for row in rows:
+        mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+        greedy, _ = decode_full(base_model, mel, None)
+        spec, stats = decode_full(base_model, mel, tiny_en_assistant)
+        total.add(stats)
+        if spec != greedy:
+            first = next((i for i, (a, b) in enumerate(zip(spec, greedy)) if a != b), min(len(spec), len(greedy)))
+            mismatches.append(f"{row['file']}: first difference at token {first}")
+    assert not mismatches, "\n".join(mismatches)
+    # tiny.en agrees with base almost word for word: most drafts must pass (transformers 5.24 gets ~4%).
+    assert total.acceptance_rate > 0.6, total.as_dict()
+    assert total.tokens_per_main_pass > 2.0, total.as_dict()
+
+
+def decode_full(model, mel, assistant, **options):
+    stats = DecodeStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = decode_window(model, mel, DecodingOptions(language="en", **options), assistant=assistant, stats=stats)
+    return result[0].tokens, stats
+
+
+def test_batched_speculative_equals_single_on_real_clips(base_model, tiny_en_assistant):
+    rows = read_manifest("dev")[:6]
+    mels = torch.stack([first_window_mel(base_model, audio.load_audio(r["path"])) for r in rows])
+    with torch.inference_mode():
+        batched = [r.tokens for r in decode_window(base_model, mels, DecodingOptions(language="en"),
+                                                   assistant=tiny_en_assistant)]
+    singles = [decode_full(base_model, mels[i:i + 1], None)[0] for i in range(len(rows))]
+    assert batched == singles
+
+
+def test_timestamp_mode_equals_greedy_on_real_clips(base_model, tiny_en_assistant):
+    for row in read_manifest("dev")[:4]:
+        mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+        greedy, _ = decode_full(base_model, mel, None, timestamps=True)
+        spec, stats = decode_full(base_model, mel, tiny_en_assistant, timestamps=True)
+        assert spec == greedy, row["file"]
+        assert any(t >= base_model.tokenizer.timestamp_begin for t in spec)
+        assert stats.accepted > 0
+
+
+def test_english_only_assistant_on_other_languages_falls_back_with_a_warning(base_model, tiny_en_assistant):
+    row = next(r for r in read_manifest("multilingual") if r["language"] == "de")
+    mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+    options = DecodingOptions(language="de")
+    with pytest.warns(UserWarning, match="English-only"):
+        spec = decode_window(base_model, mel, options, assistant=tiny_en_assistant)[0].tokens
+    assert spec == decode_window(base_model, mel, options)[0].tokens
