@@ -63,7 +63,14 @@ class _Reader:
         raw = bytes(self.take(self.unpack("H")))
         if not raw.endswith(b"\0"):
             raise WeightsError(f"{self.source}: corrupt CTranslate2 file (string without terminator at byte {self.pos})")
-        return raw[:-1].decode("utf-8")
+        try:
+            text = raw[:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        # Names end up in error messages, which must stay one line.
+        if text is None or not text.isprintable():
+            raise WeightsError(f"{self.source}: corrupt CTranslate2 file (unreadable string at byte {self.pos})")
+        return text
 
 
 def read_ctranslate2(data: bytes | memoryview, source: str = "model.bin") -> tuple[str, dict[str, np.ndarray]]:
