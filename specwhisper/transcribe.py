@@ -1,18 +1,23 @@
-"""Audio in, text out: features, encoder, and a decoding strategy for the first 30-s window.
+"""Audio in, text out: whole recordings, window after window, one file or many at once.
 
 Features follow openai-whisper's `transcribe` and faster-whisper: the log-mel of the
-whole recording (with 30 s of zero samples appended before the STFT), cut into a
-3000-frame window whose tail past the audio is zero-padded in the *log-mel*. So a
+whole recording (with 30 s of zero samples appended before the STFT), cut into
+3000-frame windows whose tail past the audio is zero-padded in the *log-mel*. So a
 clip alone and the same clip inside a longer file see the same features.
 (transformers and openai-whisper's `decode` instead pad the *audio* to 30 s and then
 compute the log-mel: `audio.log_mel_padded_audio`, used by the parity tests.)
+
+`decode_window` decodes a batch of windows (greedily, or speculatively with an
+assistant); `specwhisper.longform` walks a recording window by window with it;
+`transcribe` and `transcribe_many` put the two together.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,22 +25,36 @@ import torch
 from . import audio as audio_io
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowResult, build_prompts, autoregressive_decode,
                        resolve_languages)
+from .errors import SpecWhisperError
 from .loading import SpeechModel
+from .longform import FileTranscript, LongformOptions, Segment, run_files
+from .tokenizer import TASKS, Tokenizer
+
+DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 @dataclass(frozen=True)
 class Transcription:
-    text: str
-    tokens: list[int]  # generated tokens (text and timestamps), without prompt and end-of-text
+    """A whole recording's transcript."""
+
+    text: str  # every segment's text, joined and stripped
+    segments: list[Segment]
     language: str | None
+    tokens: list[int]  # the segments' tokens in order (text and window-relative timestamps)
     audio_seconds: float
-    truncated: bool  # the audio was longer than the one 30-s window decoded
-    stats: DecodeStats
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: load_audio, log_mel, encoder, decode
-    language_probs: dict[str, float] | None = None
-    avg_logprob: float = 0.0
-    no_speech_prob: float = 0.0
-    draft_mask: list[bool] | None = None
+    stats: DecodeStats  # summed over the file's windows (in a batch: over the decode calls it shared)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load_audio, log_mel, encoder, decode, total
+    language_probs: dict[str, float] | None = None  # when detected: on the first window
+    draft_mask: list[bool] | None = None  # per token: True where it came from an accepted draft
+    windows: int = 0  # windows decoded
+    fallbacks: int = 0  # windows decoded again at a higher temperature
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: text, language, segments, tokens, speculative statistics, timings."""
+        return {"text": self.text, "language": self.language, "audio_seconds": self.audio_seconds,
+                "segments": [s.as_dict() for s in self.segments], "tokens": self.tokens,
+                "windows": self.windows, "fallbacks": self.fallbacks, "stats": self.stats.as_dict(),
+                "timings": self.timings, "language_probs": self.language_probs}
 
 
 def first_window_mel(model: SpeechModel, samples: np.ndarray) -> torch.Tensor:
@@ -52,15 +71,22 @@ def encode_audio(model: SpeechModel, mel: torch.Tensor):
 
 
 def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOptions, assistant=None,
-                  stats: DecodeStats | None = None) -> list[WindowResult]:
-    """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given."""
+                  stats: DecodeStats | None = None, previous_tokens: list[list[int]] | None = None,
+                  languages: list[str | None] | None = None) -> list[WindowResult]:
+    """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given.
+
+    previous_tokens: per row, tokens of the text before this window to condition on (the
+    prompt becomes <|startofprev|> previous... <|startoftranscript|> ...); empty or None: none.
+    languages: per row, a language code, or None to detect it from that row's audio
+    (default: `options.language` for every row).
+    """
     stats = stats if stats is not None else DecodeStats()
     started = time.perf_counter()
     audio_kv, features = encode_audio(model, mel)
     stats.encoder_seconds += time.perf_counter() - started
     with torch.inference_mode():
-        languages, language_probs = resolve_languages(model.network, model.tokenizer, audio_kv, options.language)
-        prompts = build_prompts(model.tokenizer, options, languages)
+        languages, language_probs = _row_languages(model, audio_kv, options.language, languages)
+        prompts = build_prompts(model.tokenizer, options, languages, previous_tokens)
         rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                            model.dims.n_vocab)
         if assistant is None:
@@ -76,26 +102,124 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
     return results
 
 
+def _row_languages(model: SpeechModel, audio_kv, default: str | None, wanted: list[str | None] | None):
+    """Every row's language and, where detected, the language probabilities."""
+    if wanted is None:
+        return resolve_languages(model.network, model.tokenizer, audio_kv, default)
+    if len(wanted) != audio_kv.batch_size:
+        raise ValueError(f"{len(wanted)} languages for {audio_kv.batch_size} windows")
+    detected, probs = [None] * len(wanted), [None] * len(wanted)
+    if any(language is None for language in wanted):
+        detected, probs = resolve_languages(model.network, model.tokenizer, audio_kv, None)
+    languages = [language if language is not None else guess for language, guess in zip(wanted, detected)]
+    probs = [p if language is None else None for language, p in zip(wanted, probs)]
+    return languages, probs
+
+
+def check_language(tokenizer: Tokenizer, language: str | None, task: str) -> str | None:
+    """The language code to decode with (None: detect on the first window), or a ValueError
+    naming what this model cannot do (unknown code, a non-English language on an English-only
+    model, translation on an English-only model)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if not tokenizer.multilingual:
+        tokenizer.sot_sequence(language if language is not None else "en", task)  # raises if unusable
+        return "en"
+    if language is None:
+        return None
+    token = tokenizer.language_token(language)  # accepts names too ("german")
+    return tokenizer.language_codes[tokenizer.language_token_ids.index(token)]
+
+
 def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, language: str | None = None,
-               task: str = "transcribe", timestamps: bool = False, assistant=None, **decode_options) -> Transcription:
-    """Transcribe the first 30-s window of a recording (longer audio is cut; `truncated` says so)."""
-    if task not in ("transcribe", "translate"):
-        raise ValueError(f"task must be 'transcribe' or 'translate', not {task!r}")
-    timings = {}
-    started = time.perf_counter()
-    samples = audio if isinstance(audio, np.ndarray) else audio_io.load_audio(audio)
-    timings["load_audio"] = time.perf_counter() - started
-    started = time.perf_counter()
-    mel = first_window_mel(model, samples)
-    timings["log_mel"] = time.perf_counter() - started
-    options = DecodingOptions(task=task, language=language, timestamps=timestamps, **decode_options)
-    stats = DecodeStats()
-    result = decode_window(model, mel[None], options, assistant=assistant, stats=stats)[0]
-    timings["encoder"] = stats.encoder_seconds
-    timings["decode"] = stats.prefill_seconds + stats.decode_seconds + stats.draft_seconds + stats.verify_seconds
-    decode = model.tokenizer.decode_with_timestamps if timestamps else model.tokenizer.decode
+               task: str = "transcribe", timestamps: bool = True, assistant=None, *,
+               temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
+               compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
+               no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
+               initial_prompt: str | None = None, progress=None, **decode_options) -> Transcription:
+    """Transcribe (or translate to English) a whole recording: a path or 16 kHz mono float samples.
+
+    language: a code or name; None detects it on the first 30 s and keeps it for the file.
+    timestamps: decode in timestamp mode, which splits the text into timed segments (True, as
+      openai-whisper's `transcribe`); False gives one segment per 30-s window.
+    assistant: a `speculative.load_assistant` model; then every window is decoded speculatively
+      and `stats` counts the drafts over the whole file.
+    temperature: one value, or the values tried in turn while a window fails the thresholds
+      (compression ratio above `compression_ratio_threshold`, average log-probability below
+      `logprob_threshold`); a window whose no-speech probability is above `no_speech_threshold`
+      and whose average log-probability is below `logprob_threshold` is skipped as silence.
+    condition_on_previous_text: prompt each window with the text so far (reset after a window
+      sampled above temperature 0.5). initial_prompt: text to prompt the first window with.
+    progress: a tqdm-like bar advanced by audio seconds, or None.
+    decode_options: more `DecodingOptions` fields (max_new_tokens per window: 224 by default).
+    """
+    result = next(transcribe_many(
+        model, [audio], language=language, task=task, timestamps=timestamps, assistant=assistant, batch_size=1,
+        temperature=temperature, compression_ratio_threshold=compression_ratio_threshold,
+        logprob_threshold=logprob_threshold, no_speech_threshold=no_speech_threshold,
+        condition_on_previous_text=condition_on_previous_text, initial_prompt=initial_prompt, progress=progress,
+        **decode_options))
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.ndarray], language: str | None = None,
+                    task: str = "transcribe", timestamps: bool = True, assistant=None, *, batch_size: int = 8,
+                    temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
+                    compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
+                    no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
+                    initial_prompt: str | None = None, progress=None, run_stats: DecodeStats | None = None,
+                    **decode_options) -> Iterator[Transcription | SpecWhisperError]:
+    """Transcribe many recordings, decoding windows of up to `batch_size` of them together.
+
+    Yields, in input order, a Transcription per recording, or the SpecWhisperError (e.g. an
+    AudioError) that stopped it. At temperature 0 each transcript equals what `transcribe`
+    gives for that recording alone. Options as in `transcribe`; `run_stats` (if given) adds up
+    every decode call of the run, whereas each result's `stats` counts the calls it took part in.
+    """
+    tokenizer = model.tokenizer
+    language = check_language(tokenizer, language, task)
+    temperatures = (float(temperature),) if isinstance(temperature, (int, float)) else tuple(temperature)
+    if not temperatures:
+        raise ValueError("at least one temperature is needed")
+    options = LongformOptions(
+        temperatures=temperatures, compression_ratio_threshold=compression_ratio_threshold,
+        logprob_threshold=logprob_threshold, no_speech_threshold=no_speech_threshold,
+        condition_on_previous_text=condition_on_previous_text,
+        max_prompt_tokens=model.dims.n_text_ctx // 2 - 1)
+    decode_options.setdefault("max_new_tokens", model.dims.n_text_ctx // 2)  # openai-whisper's sample_len
+    base_options = DecodingOptions(task=task, language=None, timestamps=timestamps, **decode_options)
+    prompt_tokens = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
+
+    def open_file(index: int, source) -> FileTranscript:
+        started = time.perf_counter()
+        samples = source if isinstance(source, np.ndarray) else audio_io.load_audio(source)
+        loaded = time.perf_counter()
+        mel, content_frames = audio_io.log_mel_windows(samples, n_mels=model.dims.n_mels)
+        done = time.perf_counter()
+        info = {"audio_seconds": len(samples) / audio_io.SAMPLE_RATE, "started": started,
+                "timings": {"load_audio": loaded - started, "log_mel": done - loaded}}
+        return FileTranscript(index=index, mel=mel, content_frames=content_frames, language=language,
+                              initial_prompt=prompt_tokens, info=info)
+
+    def decode(mels, previous, languages, temperature, stats):
+        return decode_window(model, mels, replace(base_options, temperature=temperature), assistant=assistant,
+                             stats=stats, previous_tokens=previous, languages=languages)
+
+    for _, state in run_files(audios, open_file, decode, tokenizer, options, batch_size, progress, run_stats):
+        yield state if isinstance(state, SpecWhisperError) else _finish(tokenizer, state)
+
+
+def _finish(tokenizer: Tokenizer, state: FileTranscript) -> Transcription:
+    s = state.stats
+    timings = dict(state.info["timings"])
+    timings["encoder"] = s.encoder_seconds
+    timings["decode"] = s.prefill_seconds + s.decode_seconds + s.draft_seconds + s.verify_seconds
+    timings["total"] = time.perf_counter() - state.info["started"]
+    tokens = state.tokens
     return Transcription(
-        text=decode(result.tokens).strip(), tokens=result.tokens, language=result.language,
-        audio_seconds=len(samples) / audio_io.SAMPLE_RATE, truncated=len(samples) > audio_io.N_SAMPLES,
-        stats=stats, timings=timings, language_probs=result.language_probs, avg_logprob=result.avg_logprob,
-        no_speech_prob=result.no_speech_prob, draft_mask=result.draft_mask)
+        text=tokenizer.decode(tokens).strip(), segments=state.segments, language=state.language, tokens=tokens,
+        audio_seconds=state.info["audio_seconds"], stats=s, timings=timings, language_probs=state.language_probs,
+        draft_mask=list(state.draft_mask), windows=state.windows,
+        fallbacks=state.fallbacks)
