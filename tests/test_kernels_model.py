@@ -1,0 +1,28 @@
+"""A whole model through the Triton kernels (interpreted on the CPU) decodes what the torch path decodes."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import read_manifest
+from specwhisper import attention, audio
+from specwhisper.decoding import DecodingOptions
+from specwhisper.transcribe import decode_window, first_window_mel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="Triton needs a CUDA device or TRITON_INTERPRET=1")
+
+
+def test_triton_backend_gives_the_same_greedy_tokens_as_torch_on_a_real_clip(tiny_en_model):
+    clip = next(r for r in read_manifest("dev") if r["file"] == "jfk.flac")["path"]
+    mel = first_window_mel(tiny_en_model, audio.load_audio(clip))[None]
+    options = DecodingOptions(max_new_tokens=12)  # the interpreter is slow: a dozen tokens make the point
+    with attention.use_attention_backend("torch"):
+        expected = decode_window(tiny_en_model, mel, options)[0].tokens
+    attention.reset_backend_stats()
+    with attention.use_attention_backend("triton"):
+        got = decode_window(tiny_en_model, mel, options)[0].tokens
+    assert attention.last_backend_used() == {"self": "triton", "cross": "triton", "encoder": "triton"}
+    assert got == expected
+    assert len(expected) == 12
