@@ -55,7 +55,8 @@ class Run:
         return [line for line in self.stdout.splitlines() if line.strip()]
 
     def __str__(self) -> str:
-        return f"specwhisper {' '.join(self.args)} -> {self.returncode}\nstdout: {self.stdout!r}\nstderr: {self.stderr!r}"
+        command = " ".join(self.args)
+        return f"specwhisper {command} -> {self.returncode}\nstdout: {self.stdout!r}\nstderr: {self.stderr!r}"
 
 
 def specwhisper(args: list[str], env: dict[str, str]) -> Run:

@@ -93,7 +93,8 @@ def ct2_file(variables: dict[str, np.ndarray], aliases: dict[str, str], *, float
     for name, array in variables.items():
         array = np.array(array, order="C")  # (ascontiguousarray would turn a scalar into shape (1,))
         if array.dtype.kind == "f" and float_dtype == "bfloat16":
-            code, raw = BFLOAT16, torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+            bits = torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16).view(torch.int16)
+            code, raw = BFLOAT16, bits.numpy().tobytes()
         else:
             if array.dtype.kind == "f":
                 array = array.astype(float_dtype)
@@ -271,7 +272,8 @@ def test_other_ctranslate2_defects(ct2_inputs, network):
         assert_one_line(err.value, fragment)
 
 
-@pytest.mark.parametrize("fused", ["encoder/layer_1/self_attention/linear_0/bias", "decoder/layer_0/attention/linear_1/bias"])
+@pytest.mark.parametrize("fused", ["encoder/layer_1/self_attention/linear_0/bias",
+                                   "decoder/layer_0/attention/linear_1/bias"])
 def test_nonzero_key_bias_is_rejected(ct2_inputs, network, fused):
     write, tokenizer_json, config, out = ct2_inputs
     variables = ct2_variables(network)
