@@ -51,6 +51,7 @@ class DecodeStats:
     decode_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)  # speculative: drafts accepted in each round
 
     @property
     def acceptance_rate(self) -> float:
@@ -64,8 +65,16 @@ class DecodeStats:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def acceptance_histogram(self) -> dict[int, int]:
+        """{drafts accepted in a round: number of rounds}."""
+        counts: dict[int, int] = {}
+        for n in self.accepted_per_round:
+            counts[n] = counts.get(n, 0) + 1
+        return dict(sorted(counts.items()))
+
     def as_dict(self) -> dict:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "accepted_per_round"}
+        out["acceptance_histogram"] = self.acceptance_histogram()
         out["acceptance_rate"] = self.acceptance_rate
         out["tokens_per_main_pass"] = self.tokens_per_main_pass
         return out

@@ -69,19 +69,26 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(n_state, n_state, bias=False)  # Whisper's key projection has no bias
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
+        # One module computing [query | key | value] at once may stand in for the three
+        # (specwhisper.prepack installs it): one weight stream and one call instead of three.
+        self.fused_qkv: nn.Module | None = None
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, T, C) -> q, k, v each (B, H, T, D)."""
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x).chunk(3, dim=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        else:
+            q, k, v = self.query(x), self.key(x), self.value(x)
+        return split_heads(q, self.n_head), split_heads(k, self.n_head), split_heads(v, self.n_head)
 
     def encoder_forward(self, x: Tensor) -> Tensor:
         """x: (B, S, C) -> (B, S, C), every position sees every other."""
-        q = split_heads(self.query(x), self.n_head)
-        k = split_heads(self.key(x), self.n_head)
-        v = split_heads(self.value(x), self.n_head)
+        q, k, v = self.project_qkv(x)
         return self.out(merge_heads(attention.encoder_attention(q, k, v)))
 
     def cached_self_forward(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
         """x: (B, T, C) for T new tokens; writes their K/V into `cache` at its lengths."""
-        q = split_heads(self.query(x), self.n_head)
-        k_new = split_heads(self.key(x), self.n_head)
-        v_new = split_heads(self.value(x), self.n_head)
+        q, k_new, v_new = self.project_qkv(x)
         k_cache, v_cache = cache.write(layer, k_new, v_new)
         out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length())
         return self.out(merge_heads(out))

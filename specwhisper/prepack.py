@@ -45,7 +45,14 @@ class PackedLinear(nn.Module):
 
 
 def prepack_linears(network: Whisper) -> Whisper:
-    """Replace every nn.Linear (and the tied output projection) by a PackedLinear, in place."""
+    """Replace every nn.Linear (and the tied output projection) by a PackedLinear, in place;
+    self-attention's query/key/value projections become one fused PackedLinear."""
+    for block in list(network.encoder.blocks) + list(network.decoder.blocks):
+        attn = block.attn
+        weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
+        bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])
+        attn.fused_qkv = PackedLinear(weight, bias)
+        del attn.query, attn.key, attn.value
     for module in list(network.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

@@ -486,6 +486,8 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
                 break
             n_drafted += len(drafts_row)
             n_accepted += accepted
+            if drafts_row:
+                stats.accepted_per_round.append(accepted)
             n_tokens += accepted + 1
             # Keep the last decided token plus the accepted drafts; forget the rejected ones.
             new_lengths.append(starts[row] + 1 + accepted)

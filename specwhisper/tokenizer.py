@@ -255,7 +255,8 @@ class Tokenizer:
         path = Path(tokenizer_json)
         if path.is_dir():
             path = path / "tokenizer.json"
-        return _load(str(path.resolve()))
+        stat = path.stat()  # a rewritten file at the same path must not hit the cache
+        return _load(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     # ---- special tokens -------------------------------------------------------------
 
@@ -424,7 +425,7 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=8)
-def _load(path: str) -> Tokenizer:
+def _load(path: str, mtime_ns: int = 0, size: int = 0) -> Tokenizer:
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     if spec["model"]["type"] != "BPE":

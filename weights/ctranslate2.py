@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 import struct
 from pathlib import Path
 
@@ -267,13 +268,16 @@ def convert_ctranslate2(model_bin_parts: list[Path], tokenizer_json: Path, ct2_c
     config, generation = hf_config(tensors, settings, _special_ids(tokenizer_json), ct2_config)
 
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A private staging folder: two processes converting at once must not delete each other's work.
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".partial-"))
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt", "converted_from": "ctranslate2"})
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
     shutil.copyfile(tokenizer_json, staging / "tokenizer.json")
     shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except OSError:  # another process finished the same conversion first: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -92,6 +92,9 @@ def safetensors_files(folder: Path) -> list[Path]:
         if missing:
             raise WeightsError(f"{folder}: missing shard {missing[0]} listed in model.safetensors.index.json")
         return [folder / s for s in shards]
+    if (folder / "model.bin").is_file():
+        raise WeightsError(f"{folder}: holds a CTranslate2 model.bin; convert it with "
+                           "specwhisper.weights.ctranslate2.convert_ctranslate2 into a safetensors folder")
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise WeightsError(f"{folder}: only pickle weights (.bin/.pt) found; specwhisper loads safetensors only")
     raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json")

