@@ -215,14 +215,48 @@ def choose_token(logits: Tensor, temperature: float, generator: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class RowProgress:
+    """One row's decided tokens, the sum of their log-probabilities, and whether it is done."""
+
+    budget: int  # tokens this row may generate (the rest of the 448-token context, or max_new_tokens)
+    eot: int
+    tokens: list[int] = field(default_factory=list)
+    from_draft: list[bool] = field(default_factory=list)
+    sum_logprob: float = 0.0
+    finished: bool = False
+    ended_with_eot: bool = False
+
+    def commit(self, token: int, filtered_logits: Tensor, drafted: bool = False) -> None:
+        """Record the decided next token; end-of-text or a spent budget finishes the row."""
+        self.sum_logprob += float(torch.log_softmax(filtered_logits, dim=-1)[token])
+        if token == self.eot:
+            self.finished = self.ended_with_eot = True
+            return
+        self.tokens.append(token)
+        self.from_draft.append(drafted)
+        if len(self.tokens) >= self.budget:
+            self.finished = True
+
+    def result(self, no_speech_prob: float, with_draft_mask: bool = False) -> WindowResult:
+        n_scored = len(self.tokens) + (1 if self.ended_with_eot else 0)  # end-of-text's log-prob counts too
+        return WindowResult(tokens=self.tokens, language=None, avg_logprob=self.sum_logprob / max(n_scored, 1),
+                            no_speech_prob=no_speech_prob, finished=self.ended_with_eot,
+                            draft_mask=self.from_draft if with_draft_mask else None)
+
+
+def start_rows(model: Whisper, tokenizer: Tokenizer, prompts: list[list[int]], options: DecodingOptions
+               ) -> list[RowProgress]:
+    return [RowProgress(budget=token_budget(model, len(p), options), eot=tokenizer.eot) for p in prompts]
+
+
 def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, rules: LogitRules,
                           prompts: list[list[int]], options: DecodingOptions, stats: DecodeStats | None = None,
                           generator: torch.Generator | None = None) -> list[WindowResult]:
     """One main-model pass per token, for a batch of windows. At temperature 0 this is plain greedy
     decoding: the reference speculative decoding must reproduce token for token."""
     stats = stats if stats is not None else DecodeStats()
-    batch = len(prompts)
-    cache = model.new_cache(batch)
+    cache = model.new_cache(len(prompts))
     device = audio_kv.keys[0].device
     started = time.perf_counter()
     logits, prompt_hidden = prefill(model, audio_kv, prompts, cache)
@@ -230,42 +264,27 @@ def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioK
     stats.prefill_seconds += time.perf_counter() - started
 
     started = time.perf_counter()
-    budgets = [token_budget(model, len(p), options) for p in prompts]
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    sum_logprob = [0.0] * batch
-    finished = [False] * batch
+    rows = start_rows(model, tokenizer, prompts, options)
     while True:
         next_tokens = []
-        for row in range(batch):
-            if finished[row]:
-                next_tokens.append(tokenizer.eot)
+        for row, progress in enumerate(rows):
+            if progress.finished:
+                next_tokens.append(tokenizer.eot)  # a filler, rolled back below
                 continue
-            row_logits = rules.apply(logits[row], generated[row])
-            token = choose_token(row_logits, options.temperature, generator)
-            sum_logprob[row] += float(torch.log_softmax(row_logits, dim=-1)[token])
-            if token == tokenizer.eot:
-                finished[row] = True
-            else:
-                generated[row].append(token)
-                if len(generated[row]) >= budgets[row]:
-                    finished[row] = True
+            filtered = rules.apply(logits[row], progress.tokens)
+            token = choose_token(filtered, options.temperature, generator)
+            progress.commit(token, filtered)
             next_tokens.append(token)
-        if all(finished):
+        if all(p.finished for p in rows):
             break
         step_input = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
         logits = model.decoder.logits(model.decoder(step_input, audio_kv, cache))[:, -1].float()
         stats.main_passes += 1
-        if any(finished):  # finished rows were fed a filler token: keep their length where it was
-            cache.rollback([n - 1 if done else n for n, done in zip(cache.lengths, finished)])
+        if any(p.finished for p in rows):  # finished rows were fed a filler: keep their length where it was
+            cache.rollback([n - 1 if p.finished else n for n, p in zip(cache.lengths, rows)])
     stats.decode_seconds += time.perf_counter() - started
-    results = []
-    for row in range(batch):
-        ended = len(generated[row]) < budgets[row]
-        n = len(generated[row]) + (1 if ended else 0)
-        results.append(WindowResult(tokens=generated[row], language=None, avg_logprob=sum_logprob[row] / max(n, 1),
-                                    no_speech_prob=no_speech[row], finished=ended))
-        stats.generated_tokens += len(generated[row])
-    return results
+    stats.generated_tokens += sum(len(p.tokens) for p in rows)
+    return [p.result(no_speech[row]) for row, p in enumerate(rows)]
 
 
 def token_budget(model: Whisper, prompt_len: int, options: DecodingOptions) -> int:

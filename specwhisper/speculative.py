@@ -22,7 +22,6 @@ Assistant kinds (`load_assistant` picks one):
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowResult, autoregressive_decode, choose_token,
-                       no_speech_probs, prefill, token_budget)
+from .decoding import (DecodeStats, DecodingOptions, LogitRules, RowProgress, WindowResult, autoregressive_decode,
+                       choose_token, no_speech_probs, prefill, start_rows)
 from .errors import IncompatibleAssistantError
 from .kv_cache import AudioKV, KVCache
 from .loading import SpeechModel, load_model
@@ -269,18 +268,30 @@ class AssistantState:
     prompts: list[list[int]]
 
 
-def feed_rows(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
+def run_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
     """Feed each row its own block of tokens (lengths may differ, empty allowed) in one pass.
 
-    Short rows are padded with `filler` and rolled back to their real length afterwards.
-    Returns the float logits (B, V) after each row's last real token (rows with an empty block: zeros).
+    Short rows are padded with `filler` and rolled back to their real length afterwards: the
+    padded slots become stale cache entries no later query can see. Returns hidden states (B, T, C).
     """
     longest = max(len(b) for b in blocks)
-    device = audio_kv.keys[0].device
     start = list(cache.lengths)
-    padded = torch.tensor([b + [filler] * (longest - len(b)) for b in blocks], dtype=torch.long, device=device)
+    padded = torch.tensor([b + [filler] * (longest - len(b)) for b in blocks], dtype=torch.long,
+                          device=audio_kv.keys[0].device)
     hidden = model.network.decoder(padded, audio_kv, cache)  # (B, T, C)
     cache.rollback([s + len(b) for s, b in zip(start, blocks)])
+    return hidden
+
+
+def feed_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
+    """`run_blocks`, returning float logits at every position (B, T, V)."""
+    return model.network.decoder.logits(run_blocks(model, audio_kv, cache, blocks, filler)).float()
+
+
+def feed_rows(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
+    """`run_blocks`, returning float logits (B, V) after each row's last real token only."""
+    hidden = run_blocks(model, audio_kv, cache, blocks, filler)
+    device = hidden.device
     last = torch.tensor([max(len(b) - 1, 0) for b in blocks], device=device)
     rows = torch.arange(len(blocks), device=device)
     return model.network.decoder.logits(hidden[rows, last]).float()
@@ -351,6 +362,58 @@ def draft(assistant: Assistant, state: AssistantState, audio_kv: AudioKV, logits
     return drafts, dists
 
 
+def assistant_audio_kv(assistant: Assistant, mel: Tensor, features: Tensor) -> AudioKV:
+    """The assistant's cross-attention K/V: from the main model's encoder output when it shares the encoder."""
+    network = assistant.model.network
+    if assistant.shares_encoder:
+        return network.decoder.audio_kv(features)
+    return network.decoder.audio_kv(network.encoder(mel.to(assistant.model.device, assistant.model.dtype)))
+
+
+def assistant_prompts(main_tokenizer: Tokenizer, assistant: Assistant, prompts: list[list[int]],
+                      languages: list[str | None], options: DecodingOptions, to_assistant) -> list[list[int]]:
+    """The assistant's own start sequence per row, with the main prompt's previous text carried over."""
+    a_tokenizer = assistant.model.tokenizer
+    a_prompts = []
+    for prompt, language in zip(prompts, languages):
+        sot_at = prompt.index(main_tokenizer.sot)
+        previous = prompt[1:sot_at]  # the text after <|startofprev|>, if any
+        a_prompt = a_tokenizer.sot_sequence(language if a_tokenizer.multilingual else None, options.task,
+                                            options.timestamps)
+        if previous:
+            a_prompt = [a_tokenizer.sot_prev] + to_assistant(previous) + a_prompt
+        a_prompts.append(a_prompt)
+    return a_prompts
+
+
+def verify_row(progress: RowProgress, logits: Tensor, drafts: list[int], rules: LogitRules,
+               options: DecodingOptions, draft_dists: list[Tensor] | None, generator: torch.Generator | None) -> int:
+    """Walk one row's verified positions: commit accepted drafts, then the main model's own token.
+
+    logits: (T, V) for the row's last decided token and its drafts. draft_dists: the assistant's
+    distribution per draft (sampling, same vocabulary), or None (greedy, or point-mass proposals).
+    Returns how many drafts were accepted.
+    """
+    for i, drafted in enumerate(drafts):
+        filtered = rules.apply(logits[i], progress.tokens)
+        if options.temperature > 0:
+            p = torch.softmax(filtered / options.temperature, dim=-1)
+            ok, replacement = sample_accept(p, draft_dists[i] if draft_dists else None, drafted, generator)
+        else:
+            replacement = int(filtered.argmax())
+            ok = greedy_accept([replacement], [drafted]) == 1
+        if not ok:
+            progress.commit(replacement, filtered)
+            return i
+        progress.commit(drafted, filtered, drafted=True)
+        if progress.finished:  # an accepted end-of-text, or the budget is spent
+            return i + 1
+    # Every draft passed: the main model's bonus token.
+    filtered = rules.apply(logits[len(drafts)], progress.tokens)
+    progress.commit(choose_token(filtered, options.temperature, generator), filtered)
+    return len(drafts)
+
+
 def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, audio_kv: AudioKV, features: Tensor,
                        rules: LogitRules, prompts: list[list[int]], languages: list[str | None],
                        options: DecodingOptions, stats: DecodeStats, generator: torch.Generator | None = None
@@ -364,31 +427,21 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
 
     batch = len(prompts)
     tokenizer, a_tokenizer = main.tokenizer, assistant.model.tokenizer
-    to_assistant = TokenBridge(tokenizer, a_tokenizer).convert if assistant.cross_tokenizer else list
-    to_main = (lambda t: TokenBridge(a_tokenizer, tokenizer).convert(t, stop_at_unknown=True)) \
-        if assistant.cross_tokenizer else list
+    if assistant.cross_tokenizer:
+        to_assistant = TokenBridge(tokenizer, a_tokenizer).convert
+        to_main = lambda tokens: TokenBridge(a_tokenizer, tokenizer).convert(tokens, stop_at_unknown=True)  # noqa: E731
+    else:
+        to_assistant = to_main = list
 
     started = time.perf_counter()
-    if assistant.shares_encoder:
-        a_audio_kv = assistant.model.network.decoder.audio_kv(features)
-    else:
-        a_features = assistant.model.network.encoder(mel.to(assistant.model.device, assistant.model.dtype))
-        a_audio_kv = assistant.model.network.decoder.audio_kv(a_features)
+    a_audio_kv = assistant_audio_kv(assistant, mel, features)
     stats.encoder_seconds += time.perf_counter() - started
-
     a_rules = LogitRules(a_tokenizer, assistant.model.suppress_tokens, assistant.model.begin_suppress_tokens,
                          options, assistant.model.dims.n_vocab)
-    a_prompts = []
-    for prompt, language in zip(prompts, languages):
-        sot_at = prompt.index(tokenizer.sot)
-        previous = prompt[1:sot_at] if sot_at > 0 else []  # text after <|startofprev|>
-        a_prompt = a_tokenizer.sot_sequence(language if a_tokenizer.multilingual else None, options.task,
-                                            options.timestamps)
-        if previous:
-            a_prompt = [a_tokenizer.sot_prev] + to_assistant(previous) + a_prompt
-        a_prompts.append(a_prompt)
+    a_prompts = assistant_prompts(tokenizer, assistant, prompts, languages, options, to_assistant)
     state = AssistantState(cache=assistant.model.network.new_cache(batch), fed=[[] for _ in range(batch)],
                            prompts=a_prompts)
+    a_context = assistant.model.dims.n_text_ctx
 
     main_cache = main.network.new_cache(batch)
     started = time.perf_counter()
@@ -396,114 +449,67 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
     no_speech = no_speech_probs(main.network, tokenizer, prompt_hidden, prompts)
     stats.prefill_seconds += time.perf_counter() - started
 
-    budgets = [token_budget(main.network, len(p), options) for p in prompts]
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    from_draft: list[list[bool]] = [[] for _ in range(batch)]
-    sum_logprob = [0.0] * batch
-    finished = [False] * batch
-    controller = assistant.new_controller()
-    a_context = assistant.model.dims.n_text_ctx
-
-    def commit(row: int, token: int, filtered: Tensor, drafted: bool) -> None:
-        """Append the main model's decided token (or finish the row on end-of-text / budget)."""
-        sum_logprob[row] += float(torch.log_softmax(filtered, dim=-1)[token])
-        if token == tokenizer.eot:
-            finished[row] = True
-            return
-        generated[row].append(token)
-        from_draft[row].append(drafted)
-        if len(generated[row]) >= budgets[row]:
-            finished[row] = True
-
-    for row in range(batch):  # the first token comes from the prompt's logits
+    rows = start_rows(main.network, tokenizer, prompts, options)
+    for row, progress in enumerate(rows):  # the first token comes from the prompt's logits
         filtered = rules.apply(logits[row], [])
-        commit(row, choose_token(filtered, options.temperature, generator), filtered, drafted=False)
+        progress.commit(choose_token(filtered, options.temperature, generator), filtered)
 
-    while not all(finished):
-        active = [not f for f in finished]
+    controller = assistant.new_controller()
+    while not all(p.finished for p in rows):
+        # Draft: sync the assistant to each active row's accepted text, then γ assistant steps.
         gamma = controller.next_gamma()
         started = time.perf_counter()
+        main_drafts: list[list[int]] = [[] for _ in range(batch)]
+        draft_dists: list[list[Tensor]] = [[] for _ in range(batch)]
         if gamma > 0:
-            targets = [a_prompts[r] + to_assistant(generated[r]) if active[r] else None for r in range(batch)]
+            targets = [None if p.finished else a_prompts[r] + to_assistant(p.tokens) for r, p in enumerate(rows)]
             # A row whose assistant context would overflow (a cross-tokenizer assistant may need more
-            # tokens for the same text) simply gets no drafts this round.
+            # tokens for the same text) gets no drafts this round.
             targets = [t if t is not None and len(t) + gamma <= a_context else None for t in targets]
             drafting = [t is not None for t in targets]
             if any(drafting):
                 a_logits = sync_assistant(assistant, state, a_audio_kv, targets)
                 a_drafts, a_dists = draft(assistant, state, a_audio_kv, a_logits, a_rules, drafting, gamma,
                                           options.temperature, generator)
-            else:
-                a_drafts, a_dists = [[] for _ in range(batch)], [[] for _ in range(batch)]
-            main_drafts = [to_main(d) if drafting[r] else [] for r, d in enumerate(a_drafts)]
-        else:
-            a_dists = [[] for _ in range(batch)]
-            main_drafts = [[] for _ in range(batch)]
+                main_drafts = [to_main(d) for d in a_drafts]
+                # Cross-tokenizer drafts are fixed proposals over the main vocabulary (point masses).
+                if not assistant.cross_tokenizer:
+                    draft_dists = a_dists
         draft_seconds = time.perf_counter() - started
 
-        # Verify: the last decided token and the drafts, in one main-model pass.
+        # Verify: each active row's last decided token and its drafts, in one main-model pass.
         started = time.perf_counter()
         room = main.network.dims.n_text_ctx - max(main_cache.lengths)
-        for row in range(batch):
+        blocks = []
+        for r, p in enumerate(rows):
             # A row may not draft past its token budget, nor the batch past the cache.
-            main_drafts[row] = main_drafts[row][:max(0, min(budgets[row] - len(generated[row]), room - 1))]
-        blocks = [[generated[r][-1]] + main_drafts[r] if active[r] and generated[r] else [] for r in range(batch)]
+            main_drafts[r] = main_drafts[r][:max(0, min(p.budget - len(p.tokens), room - 1))]
+            blocks.append([] if p.finished else [p.tokens[-1]] + main_drafts[r])
         starts = list(main_cache.lengths)
-        longest = max(len(b) for b in blocks)
-        padded = torch.tensor([b + [tokenizer.eot] * (longest - len(b)) for b in blocks], dtype=torch.long,
-                              device=audio_kv.keys[0].device)
-        hidden = main.network.decoder(padded, audio_kv, main_cache)
-        verify_logits = main.network.decoder.logits(hidden).float()  # (B, T, V)
+        verify_logits = feed_blocks(main, audio_kv, main_cache, blocks, filler=tokenizer.eot)  # (B, T, V)
         stats.main_passes += 1
 
-        new_lengths = []
-        n_drafted = n_accepted = n_tokens = 0
-        for row in range(batch):
-            if not blocks[row]:
-                new_lengths.append(starts[row])
+        kept_lengths, n_drafted, n_accepted, n_tokens = [], 0, 0, 0
+        for r, p in enumerate(rows):
+            if not blocks[r]:
+                kept_lengths.append(starts[r])
                 continue
-            drafts_row = main_drafts[row]
-            accepted = 0
-            for i in range(len(drafts_row) + 1):
-                filtered = rules.apply(verify_logits[row, i], generated[row])
-                if i < len(drafts_row):
-                    if options.temperature > 0:
-                        p = torch.softmax(filtered / options.temperature, dim=-1)
-                        q = a_dists[row][i] if (not assistant.cross_tokenizer and i < len(a_dists[row])) else None
-                        ok, replacement = sample_accept(p, q, drafts_row[i], generator)
-                    else:
-                        choice = int(filtered.argmax())
-                        ok, replacement = greedy_accept([choice], drafts_row[i:i + 1]) == 1, choice
-                    if ok:
-                        accepted += 1
-                        commit(row, drafts_row[i], filtered, drafted=True)
-                        if finished[row]:
-                            break
-                        continue
-                    commit(row, replacement, filtered, drafted=False)
-                else:  # every draft passed: the main model's bonus token
-                    commit(row, choose_token(filtered, options.temperature, generator), filtered, drafted=False)
-                break
-            n_drafted += len(drafts_row)
+            accepted = verify_row(p, verify_logits[r], main_drafts[r], rules, options,
+                                  draft_dists[r] or None, generator)
+            # Keep the last decided token and the accepted drafts; forget the rejected ones.
+            kept_lengths.append(starts[r] + 1 + accepted)
+            n_drafted += len(main_drafts[r])
             n_accepted += accepted
-            if drafts_row:
-                stats.accepted_per_round.append(accepted)
             n_tokens += accepted + 1
-            # Keep the last decided token plus the accepted drafts; forget the rejected ones.
-            new_lengths.append(starts[row] + 1 + accepted)
-        main_cache.rollback(new_lengths)
+            if main_drafts[r]:
+                stats.accepted_per_round.append(accepted)
+        main_cache.rollback(kept_lengths)
         verify_seconds = time.perf_counter() - started
         stats.drafted += n_drafted
         stats.accepted += n_accepted
         stats.draft_seconds += draft_seconds
         stats.verify_seconds += verify_seconds
-        controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, longest, n_tokens)
+        controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens)
 
-    results = []
-    for row in range(batch):
-        ended = len(generated[row]) < budgets[row]
-        n = len(generated[row]) + (1 if ended else 0)
-        results.append(WindowResult(tokens=generated[row], language=None, avg_logprob=sum_logprob[row] / max(n, 1),
-                                    no_speech_prob=no_speech[row], finished=ended, draft_mask=from_draft[row]))
-        stats.generated_tokens += len(generated[row])
-    return results
+    stats.generated_tokens += sum(len(p.tokens) for p in rows)
+    return [p.result(no_speech[r], with_draft_mask=True) for r, p in enumerate(rows)]
