@@ -5,7 +5,7 @@ Per file, until `seek` passes the last frame of speech:
   2. decode it, prompted with the tokens of earlier windows (<|startofprev|> ...); while the
      result looks like a failure — too repetitive (zlib compression ratio of its text above
      2.4) or too unsure (average log-probability below -1) — decode it again at the next
-     temperature, unless the no-speech probability says the window is silent;
+     temperature, unless the window is silent (step 3);
   3. if the window is silent (no-speech probability above 0.6 *and* average log-probability
      not above -1), skip it whole; otherwise split its tokens into segments at pairs of
      adjacent timestamps and move `seek` to the end of the last complete segment (or past
@@ -101,9 +101,10 @@ def compression_ratio(text: str) -> float:
 
 
 def needs_fallback(avg_logprob: float, ratio: float, no_speech_prob: float, options: LongformOptions) -> bool:
-    """Should this window be decoded again at the next temperature?"""
-    if options.no_speech_threshold is not None and no_speech_prob > options.no_speech_threshold:
-        return False  # probably silence: low confidence is expected there, not a failure
+    """Should this window be decoded again at the next temperature? Not if it will be skipped as silence."""
+    if options.logprob_threshold is not None and avg_logprob < options.logprob_threshold and \
+            options.no_speech_threshold is not None and no_speech_prob > options.no_speech_threshold:
+        return False  # silence: low confidence is expected there, not a failure
     too_repetitive = options.compression_ratio_threshold is not None and ratio > options.compression_ratio_threshold
     too_unsure = options.logprob_threshold is not None and avg_logprob < options.logprob_threshold
     return too_repetitive or too_unsure

@@ -8,6 +8,7 @@ The second half uses tiny.en (and base for language detection) on ../shared/audi
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -108,7 +109,8 @@ def test_fallback_triggers():
     assert not needs_fallback(-0.3, 1.5, 0.1, OPTIONS)
     assert needs_fallback(-0.3, 3.0, 0.1, OPTIONS)  # repetitive
     assert needs_fallback(-1.5, 1.5, 0.1, OPTIONS)  # unsure
-    assert not needs_fallback(-1.5, 3.0, 0.9, OPTIONS)  # but probably silence: keep it, it will be skipped
+    assert not needs_fallback(-1.5, 3.0, 0.9, OPTIONS)  # silence: keep it, it will be skipped
+    assert needs_fallback(-0.5, 3.0, 0.9, OPTIONS)  # a confident loop is not silence, whatever no-speech says
     off = LongformOptions(compression_ratio_threshold=None, logprob_threshold=None)
     assert not needs_fallback(-5.0, 10.0, 0.0, off)
 
@@ -306,12 +308,23 @@ def test_an_hour_of_audio_is_transcribed_window_by_window_in_bounded_memory():
 # --------------------------------------------------------------------------- real models, real audio
 
 
+@pytest.fixture
+def one_thread():
+    """Decoder steps are tiny ops: on a 2-core machine shared with other jobs, two OpenMP threads
+    waiting on each other run them several times slower than one thread does. One thread keeps
+    these tests' runtime steady (the results are checked the same way either way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lj_reference() -> tuple[str, float, str]:
     row = next(r for r in read_manifest("long") if r["file"].startswith("lj001_part1"))
     return row["path"], float(row["seconds"]), row["reference"]
 
 
-def test_long_recording_end_to_end(tiny_en_model):
+def test_long_recording_end_to_end(tiny_en_model, one_thread):
     from specwhisper.normalizer import EnglishTextNormalizer, word_error_rate
 
     path, seconds, reference = lj_reference()
@@ -337,7 +350,7 @@ def clip(name: str) -> np.ndarray:
     return load_audio(AUDIO / "dev" / name)
 
 
-def test_batched_equals_one_at_a_time(tiny_en_model):
+def test_batched_equals_one_at_a_time(tiny_en_model, one_thread):
     """Three recordings (one of two windows) plus a missing file: batched rows give exactly the
     transcripts of decoding each recording alone, and the bad file's error stays in its place."""
     from specwhisper.transcribe import transcribe_many
@@ -357,7 +370,7 @@ def test_batched_equals_one_at_a_time(tiny_en_model):
     assert "ask not what your country can do for you" in alone[0].text.lower()
 
 
-def test_language_detected_per_file_in_a_batch(base_model):
+def test_language_detected_per_file_in_a_batch(base_model, one_thread):
     from specwhisper.transcribe import transcribe_many
 
     rows = {r["language"]: r for r in read_manifest("multilingual")}
@@ -367,6 +380,44 @@ def test_language_detected_per_file_in_a_batch(base_model):
     assert results[0].language_probs["de"] > 0.5
     translated = base_model.transcribe(rows["de"]["path"], task="translate")
     assert translated.language == "de" and translated.text.isascii() and translated.text
+
+
+def test_speculative_decoding_runs_in_every_window_and_its_stats_add_up(base_model, tiny_en_model, one_thread,
+                                                                       monkeypatch):
+    from specwhisper.speculative import make_assistant
+
+    transcribe_module = importlib.import_module("specwhisper.transcribe")  # the package exports a function of that name
+
+    assistant = make_assistant(base_model, tiny_en_model)
+    calls = []
+    real_decode_window = transcribe_module.decode_window
+
+    def recording_decode_window(model, mel, options, assistant=None, stats=None, **rows):
+        results = real_decode_window(model, mel, options, assistant=assistant, stats=stats, **rows)
+        calls.append((assistant, stats.drafted, stats.accepted, stats.main_passes))
+        return results
+
+    # (Not one clip repeated: text that repeats itself is what the compression-ratio check
+    # rejects, and the windows would be sampled at temperature 1.)
+    joined = np.concatenate([clip("ls_1221-135766-0001.wav"), clip("ls_2412-153948-0000.flac"),
+                             clip("ls_2412-153948-0001.flac")])  # ~39 s: two windows
+    greedy = base_model.transcribe(joined, language="en")
+    monkeypatch.setattr(transcribe_module, "decode_window", recording_decode_window)
+    fast = base_model.transcribe(joined, language="en", assistant=assistant)
+    assert fast.windows == greedy.windows == len(calls) == 2 and fast.fallbacks == 0
+    assert all(a is assistant for a, *_ in calls)
+    assert [(s.start, s.end, s.tokens) for s in fast.segments] == [(s.start, s.end, s.tokens) for s in greedy.segments]
+    assert fast.stats.drafted == sum(c[1] for c in calls) > 0
+    assert fast.stats.accepted == sum(c[2] for c in calls)
+    assert fast.stats.main_passes == sum(c[3] for c in calls) < greedy.stats.main_passes
+    assert len(fast.draft_mask) == len(fast.tokens) and any(fast.draft_mask)
+
+
+def test_without_timestamps_each_window_is_one_segment(tiny_en_model):
+    result = tiny_en_model.transcribe(clip("jfk.flac"), timestamps=False)
+    assert [(s.start, s.end) for s in result.segments] == [(0.0, 11.0)]
+    assert "ask not what your country can do for you" in result.text.lower()
+    assert all(t < tiny_en_model.tokenizer.eot for t in result.tokens)
 
 
 @pytest.mark.parametrize("kind", ["silence", "tenth_of_a_second", "white_noise"])
