@@ -4,8 +4,7 @@
                                            [--folder dev] [--limit N] [--batch B]
 
 For every assistant and draft length γ it decodes each clip's first 30-s window (the
-`transcribe` feature convention) greedily and speculatively, alternating clip by clip so
-background load hits both alike, and prints:
+`transcribe` feature convention) greedily and then speculatively, and prints:
   - wall time of the decode (encoder included on both sides: the assistant's own encoder is
     part of what speculation costs) and greedy/speculative ratio (> 1: speculative is faster);
   - main-model passes per generated token (the hardware-independent figure: 1.0 for greedy);
@@ -78,7 +77,6 @@ def main() -> None:
                  "tokens/pass", "draft ms/round", "verify ms/round", "greedy ms/step", "identical"], table)
     for row, histogram in histograms:
         print(f"accepted per round, {row}: {histogram}")
-
 
 
 if __name__ == "__main__":
