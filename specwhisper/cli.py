@@ -16,6 +16,9 @@ from .errors import SpecWhisperError
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
+# `auto` finds the distilled draft shipped for base (specwhisper/assets/drafts) or one the user
+# made; with no draft for the model it decodes without an assistant.
+DEFAULT_ASSISTANT = "auto"
 
 
 def demo_clip_path() -> str:
@@ -41,14 +44,19 @@ def _flag(name: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specwhisper", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help; `main` hands `specwhisper distill ...` to specwhisper.distill's own parser.
+    commands.add_parser("distill", add_help=False,
+                        help="distil a small draft from a model for speculative decoding (see distill --help)")
     t = commands.add_parser(
         "transcribe", help="transcribe audio files of any length",
         description="Transcribe whole recordings in 30-s windows, as openai-whisper's transcribe does.")
     t.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV natively; FLAC, MP3, ... through ffmpeg); "
                    "'demo' is the bundled demo clip")
     t.add_argument("--model", default="base", help="model name (base, tiny.en, large-v3, ...), hub id or folder (default: base)")
-    t.add_argument("--assistant", default="none",
-                   help="assistant model for speculative decoding: a name, hub id or folder, or 'none' (default: none)")
+    t.add_argument("--assistant", default=DEFAULT_ASSISTANT,
+                   help="assistant for speculative decoding: 'auto' (the distilled draft made for --model, when "
+                   "there is one: see `specwhisper distill`), a model name, hub id or folder, a draft folder, or "
+                   f"'none' (default: {DEFAULT_ASSISTANT})")
     t.add_argument("--language", default=None, help="language code or name (en, de, german, ...); default: detect "
                    "on the first 30 s of each file")
     t.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
@@ -126,11 +134,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     check_language(model.tokenizer, args.language, args.task)  # a bad code fails here, once, before any decoding
-    assistant = None
-    if args.assistant and args.assistant.lower() != "none":
-        from .speculative import load_assistant
-
-        assistant = load_assistant(model, args.assistant, draft_length=args.draft_length)
+    assistant = resolve_assistant(model, args.assistant, args.draft_length, explicit=args.assistant_given)
     paths = [demo_clip_path() if path == "demo" else path for path in args.files]
     progress = _progress_bar()
     run_stats = DecodeStats()
@@ -176,6 +180,22 @@ def run_transcribe(args: argparse.Namespace) -> int:
     return status
 
 
+def resolve_assistant(model, choice: str | None, draft_length: int | None, explicit: bool):
+    """--assistant: None for 'none'; for 'auto', the draft made for this model or None (said on stderr
+    when the user asked for auto by name); otherwise the named model or draft folder, checked."""
+    from .speculative import load_assistant, resolve_auto_assistant
+
+    if not choice or choice.lower() == "none":
+        return None
+    if choice.lower() == "auto":
+        assistant = resolve_auto_assistant(model, draft_length=draft_length)
+        if assistant is None and explicit:
+            say(f"specwhisper: no distilled draft for {model.name} (make one with `specwhisper distill`); "
+                "decoding without an assistant")
+        return assistant
+    return load_assistant(model, choice, draft_length=draft_length)
+
+
 def _print_transcript(result, timestamps: bool) -> None:
     if not timestamps:
         print(result.text, flush=True)
@@ -208,7 +228,13 @@ def _refresh(progress) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill"]:  # its own parser: specwhisper.distill
+        from .distill import distill_main
+
+        return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.assistant_given = any(a == "--assistant" or a.startswith("--assistant=") for a in argv)
     try:
         if args.command == "transcribe":
             return run_transcribe(args)

@@ -226,9 +226,11 @@ class RowProgress:
     sum_logprob: float = 0.0
     finished: bool = False
     ended_with_eot: bool = False
+    last_drafted: bool = False  # the latest decided token was an accepted draft (end-of-text included)
 
     def commit(self, token: int, filtered_logits: Tensor, drafted: bool = False) -> None:
         """Record the decided next token; end-of-text or a spent budget finishes the row."""
+        self.last_drafted = drafted
         self.sum_logprob += float(torch.log_softmax(filtered_logits, dim=-1)[token])
         if token == self.eot:
             self.finished = self.ended_with_eot = True

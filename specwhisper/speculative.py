@@ -18,6 +18,11 @@ Assistant kinds (`load_assistant` picks one):
   - cross-tokenizer (e.g. tiny.en, English-only vocabulary, drafting for multilingual
     base): drafts are turned into text and re-tokenized for the main model, and the
     assistant is re-synced to the re-tokenized accepted text after every round.
+  - a distilled draft (`specwhisper.draft`, made by `specwhisper distill`): a few decoder
+    blocks sharing the main model's encoder module and embeddings. With `features` it
+    also reads the main model's hidden state of the previous position: the loop keeps the
+    hidden states the prefill and every verify pass computed (`AssistantState.main_features`)
+    and hands them to the draft when it syncs; while drafting ahead it feeds back its own.
 """
 
 from __future__ import annotations
@@ -98,6 +103,12 @@ class DraftLengthController:
     verify_per_token_seconds: float = 0.0  # and per extra position
     tokens_since_off: int = 0
     smoothing: float = 0.25
+    acceptance_smoothing: float = 0.1
+    # Near its optimum the rate is flat in γ (and measured with noise): take the longest γ within
+    # this fraction of the best, since a longer draft also gains more when acceptance runs high.
+    flat_optimum: float = 0.97
+    # Weighted sums for the verify-cost fit: (1, x, x², seconds, x·seconds), x = positions - 1.
+    _fit_sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)
 
     def next_gamma(self) -> int:
         if not self.adaptive:
@@ -110,15 +121,25 @@ class DraftLengthController:
         return self.gamma
 
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float, n_positions: int,
-               tokens: int) -> None:
+               tokens: int, rejections: int | None = None) -> None:
+        """One round's outcome. rejections: the rows whose drafts were cut by a rejected token (default:
+        every row that drafted something and lost some of it, counted as one)."""
         if not self.adaptive:
             return
         if drafted == 0:
             self.tokens_since_off += tokens
             self._note_verify(verify_seconds, n_positions)
             return
-        rate = accepted / drafted
-        self.acceptance += self.smoothing * (rate - self.acceptance)
+        if rejections is None:
+            rejections = int(accepted < drafted)
+        # α is the chance that a drafted position passes given that every one before it did: the
+        # positions after a rejection were never tried. accepted / drafted would count them as
+        # failures and underestimate α by about a factor γ/E[tokens] (0.36 instead of 0.61 at γ=3
+        # on the long recordings), which made the controller stop drafting when drafts paid.
+        rate = accepted / max(accepted + rejections, 1)
+        # α is smoothed more slowly than the costs: one round is only a handful of Bernoulli trials,
+        # and a single rejection at 0.25 swung α from 0.7 to 0.5 and γ from 3 to 1 on real audio.
+        self.acceptance += self.acceptance_smoothing * (rate - self.acceptance)
         step = draft_seconds / drafted
         self.draft_step_seconds = step if self.draft_step_seconds is None else \
             self.draft_step_seconds + self.smoothing * (step - self.draft_step_seconds)
@@ -126,11 +147,22 @@ class DraftLengthController:
         self.gamma = self.best_gamma()
 
     def _note_verify(self, seconds: float, n_positions: int) -> None:
-        # One pass's cost is nearly flat in the number of positions on memory-bound hardware;
-        # track it as a running average normalised to a single position.
-        per_pass = seconds - self.verify_per_token_seconds * (n_positions - 1)
-        self.verify_base_seconds = per_pass if self.verify_base_seconds is None else \
-            self.verify_base_seconds + self.smoothing * (per_pass - self.verify_base_seconds)
+        # A pass costs base + per_token x (positions - 1): nearly flat on memory-bound hardware, but
+        # on a CPU each extra position adds real work (attention, GELU, the output projection's
+        # FLOPs). Both are fitted by exponentially weighted least squares over the passes seen, so
+        # the estimate follows the machine (and its background load) as decoding goes on.
+        w = self.smoothing
+        x = n_positions - 1
+        sums = self._fit_sums
+        for i, value in enumerate((1.0, x, x * x, seconds, x * seconds)):
+            sums[i] = (1 - w) * sums[i] + w * value
+        n, sx, sxx, sy, sxy = sums
+        variance = sxx * n - sx * sx
+        if variance > 1e-9 * max(n * n, 1e-30):  # passes of at least two sizes: fit the slope too
+            slope = max((sxy * n - sx * sy) / variance, 0.0)
+            self.verify_per_token_seconds = slope
+        base = (sy - self.verify_per_token_seconds * sx) / n
+        self.verify_base_seconds = max(base, 1e-9)
 
     def expected_tokens(self, gamma: int) -> float:
         alpha = min(self.acceptance, 0.999)
@@ -142,7 +174,9 @@ class DraftLengthController:
         def rate(g: int) -> float:
             cost = g * self.draft_step_seconds + self.verify_base_seconds + g * self.verify_per_token_seconds
             return self.expected_tokens(g) / cost
-        best = max(range(0, self.max_gamma + 1), key=rate)
+        rates = [rate(g) for g in range(self.max_gamma + 1)]
+        top = max(rates)
+        best = max(g for g, r in enumerate(rates) if r >= self.flat_optimum * top)
         if best == 0:
             self.tokens_since_off = 0
         return best
@@ -204,11 +238,18 @@ class Assistant:
         return DraftLengthController(gamma=t.gamma, adaptive=t.adaptive, max_gamma=t.max_gamma,
                                      probe_every=t.probe_every)
 
+    @property
+    def reads_features(self) -> bool:
+        """A distilled draft that reads the main model's hidden states (specwhisper.draft, features=True)."""
+        return getattr(self.model.network.decoder, "fuse", None) is not None
+
     def can_draft(self, language: str | None) -> bool:
         return self.model.tokenizer.multilingual or language in (None, "en")
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    if a is b:  # a distilled draft (specwhisper.draft) holds the main model's own tokenizer
+        return True
     if a.n_vocab != b.n_vocab or a.eot != b.eot or a.timestamp_begin != b.timestamp_begin:
         return False
     return all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.eot))
@@ -216,6 +257,8 @@ def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 
 def encoders_match(main: SpeechModel, assistant: SpeechModel, atol: float = 1e-3) -> bool:
     """True when the assistant's encoder is the main model's, tensor for tensor (a distil-whisper student)."""
+    if main.network.encoder is assistant.network.encoder:  # a distilled draft shares the module itself
+        return True
     if main.dims.n_audio_state != assistant.dims.n_audio_state or main.dims.n_audio_layer != assistant.dims.n_audio_layer:
         return False
     ours, theirs = main.network.encoder.state_dict(), assistant.network.encoder.state_dict()
@@ -252,9 +295,25 @@ def make_assistant(main: SpeechModel, assistant: SpeechModel, draft_length: int 
 
 
 def load_assistant(main: SpeechModel, name_or_path: str, draft_length: int | None = None) -> Assistant:
-    """Load an assistant on the main model's device and dtype and check it can draft for it."""
+    """Load an assistant on the main model's device and dtype and check it can draft for it.
+
+    name_or_path: a model name, hub id or folder, or a distilled draft's folder (`specwhisper.draft`).
+    """
+    from .draft import draft_folder, load_draft
+
+    if draft_folder(name_or_path) is not None:
+        return make_assistant(main, load_draft(main, name_or_path), draft_length)
     assistant = load_model(name_or_path, device=main.device, dtype=main.dtype)
     return make_assistant(main, assistant, draft_length)
+
+
+def resolve_auto_assistant(main: SpeechModel, draft_length: int | None = None) -> Assistant | None:
+    """`--assistant auto`: the distilled draft made for this main model (under the specwhisper cache,
+    or shipped with the package), or None when there is none: then decode without an assistant."""
+    from .draft import find_draft, load_draft
+
+    folder = find_draft(main)
+    return None if folder is None else make_assistant(main, load_draft(main, folder), draft_length)
 
 
 # ----------------------------------------------------------------------------- the decoding loop
@@ -266,19 +325,30 @@ class AssistantState:
     cache: KVCache
     fed: list[list[int]]  # per row: exactly the tokens whose K/V are in the cache
     prompts: list[list[int]]
+    # Feature drafts only: the main model's hidden state at every decided position (B, n_ctx, C),
+    # and per row how many cache slots were computed from those (the rest from the draft's own).
+    main_features: Tensor | None = None
+    exact: list[int] | None = None
 
 
-def run_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
+def run_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int,
+               features: Tensor | None = None) -> Tensor:
     """Feed each row its own block of tokens (lengths may differ, empty allowed) in one pass.
 
     Short rows are padded with `filler` and rolled back to their real length afterwards: the
     padded slots become stale cache entries no later query can see. Returns hidden states (B, T, C).
+    features: (B, T, C), the main model's hidden state before each fed token (feature drafts only).
     """
     longest = max(len(b) for b in blocks)
     start = list(cache.lengths)
     padded = torch.tensor([b + [filler] * (longest - len(b)) for b in blocks], dtype=torch.long,
                           device=audio_kv.keys[0].device)
-    hidden = model.network.decoder(padded, audio_kv, cache)  # (B, T, C)
+    if features is not None:
+        from .draft import draft_forward
+
+        hidden = draft_forward(model.network, padded, audio_kv, cache, features)
+    else:
+        hidden = model.network.decoder(padded, audio_kv, cache)  # (B, T, C)
     cache.rollback([s + len(b) for s, b in zip(start, blocks)])
     return hidden
 
@@ -288,13 +358,15 @@ def feed_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: l
     return model.network.decoder.logits(run_blocks(model, audio_kv, cache, blocks, filler)).float()
 
 
-def feed_rows(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
-    """`run_blocks`, returning float logits (B, V) after each row's last real token only."""
-    hidden = run_blocks(model, audio_kv, cache, blocks, filler)
+def feed_rows(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`run_blocks`, returning float logits (B, V) and hidden states (B, C) after each row's last real token."""
+    hidden = run_blocks(model, audio_kv, cache, blocks, filler, features)
     device = hidden.device
     last = torch.tensor([max(len(b) - 1, 0) for b in blocks], device=device)
     rows = torch.arange(len(blocks), device=device)
-    return model.network.decoder.logits(hidden[rows, last]).float()
+    last_hidden = hidden[rows, last]  # (B, C)
+    return model.network.decoder.logits(last_hidden).float(), last_hidden
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -307,32 +379,59 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def sync_assistant(assistant: Assistant, state: AssistantState, audio_kv: AudioKV, targets: list[list[int] | None]
-                   ) -> Tensor:
-    """Make each active row's assistant context exactly `targets[row]` and return its next-token logits.
+                   ) -> tuple[Tensor, Tensor]:
+    """Make each active row's assistant context exactly `targets[row]`; return its next-token logits
+    (B, V) and last hidden states (B, C).
 
     Rows whose target is None are inactive: fed nothing, logits ignored. The cache is rolled back
     to the longest common prefix of what it holds and the target; at least the last target token is
-    re-fed so its logits are fresh.
+    re-fed so its logits are fresh. A feature draft also re-feeds the slots it computed from its own
+    hidden states while drafting, now with the main model's (as EAGLE does).
     """
-    blocks = []
+    blocks, starts = [], []
     keep_lengths = list(state.cache.lengths)
     for row, target in enumerate(targets):
         if target is None:
             blocks.append([])
+            starts.append(keep_lengths[row])
             continue
         keep = min(common_prefix_length(state.fed[row], target), len(target) - 1)
+        if state.exact is not None:
+            keep = min(keep, state.exact[row])
+            state.exact[row] = len(target)
         blocks.append(target[keep:])
+        starts.append(keep)
         state.fed[row] = target
         keep_lengths[row] = keep
     state.cache.rollback(keep_lengths)  # O(1): only the lengths move
-    return feed_rows(assistant.model, audio_kv, state.cache, blocks, filler=assistant.model.tokenizer.eot)
+    features = None
+    if state.main_features is not None:
+        features = block_features(state.main_features, starts, blocks)
+    return feed_rows(assistant.model, audio_kv, state.cache, blocks, filler=assistant.model.tokenizer.eot,
+                     features=features)
+
+
+def block_features(main_features: Tensor, starts: list[int], blocks: list[list[int]]) -> Tensor:
+    """The feature input of each block position: the main model's hidden state one position
+    earlier (zeros before position 0). main_features (B, n_ctx, C) -> (B, T, C), zero-padded."""
+    longest = max(len(b) for b in blocks)
+    out = main_features.new_zeros(len(blocks), longest, main_features.shape[-1])
+    for row, (start, block) in enumerate(zip(starts, blocks)):
+        if not block:
+            continue
+        first = max(start - 1, 0)
+        source = main_features[row, first:start - 1 + len(block)]
+        out[row, len(block) - len(source):len(block)] = source
+    return out
 
 
 def draft(assistant: Assistant, state: AssistantState, audio_kv: AudioKV, logits: Tensor, rules: LogitRules,
-          active: list[bool], gamma: int, temperature: float, generator: torch.Generator | None
-          ) -> tuple[list[list[int]], list[list[Tensor]]]:
+          active: list[bool], gamma: int, temperature: float, generator: torch.Generator | None,
+          last_hidden: Tensor | None = None) -> tuple[list[list[int]], list[list[Tensor]]]:
     """γ assistant tokens per active row, each a step after the last. Returns drafts and, when
-    sampling, the assistant's distribution for each drafted token."""
+    sampling, the assistant's distribution for each drafted token. last_hidden (B, C): the
+    assistant's hidden state behind `logits`; a feature draft feeds it back as the feature of the
+    token it drafts (the main model's is not known yet)."""
     eot = assistant.model.tokenizer.eot
     drafts: list[list[int]] = [[] for _ in active]
     dists: list[list[Tensor]] = [[] for _ in active]
@@ -355,7 +454,8 @@ def draft(assistant: Assistant, state: AssistantState, audio_kv: AudioKV, logits
         if step == gamma - 1 or not any(drafting):
             break  # the last draft needs no assistant pass: its successor is the main model's job
         blocks = [[drafts[row][-1]] if drafting[row] else [] for row in range(len(active))]
-        logits = feed_rows(assistant.model, audio_kv, state.cache, blocks, filler=eot)
+        features = last_hidden[:, None] if state.main_features is not None else None  # (B, 1, C)
+        logits, last_hidden = feed_rows(assistant.model, audio_kv, state.cache, blocks, filler=eot, features=features)
         for row in range(len(active)):
             if drafting[row]:
                 state.fed[row] = state.fed[row] + [drafts[row][-1]]
@@ -438,7 +538,10 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
     stats.encoder_seconds += time.perf_counter() - started
     a_rules = LogitRules(a_tokenizer, assistant.model.suppress_tokens, assistant.model.begin_suppress_tokens,
                          options, assistant.model.dims.n_vocab)
-    a_prompts = assistant_prompts(tokenizer, assistant, prompts, languages, options, to_assistant)
+    if assistant.reads_features:  # one vocabulary, one prompt: draft position j is main position j
+        a_prompts = [list(p) for p in prompts]
+    else:
+        a_prompts = assistant_prompts(tokenizer, assistant, prompts, languages, options, to_assistant)
     state = AssistantState(cache=assistant.model.network.new_cache(batch), fed=[[] for _ in range(batch)],
                            prompts=a_prompts)
     a_context = assistant.model.dims.n_text_ctx
@@ -447,12 +550,26 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
     started = time.perf_counter()
     logits, prompt_hidden = prefill(main.network, audio_kv, prompts, main_cache)
     no_speech = no_speech_probs(main.network, tokenizer, prompt_hidden, prompts)
+    if assistant.reads_features:
+        state.main_features = prompt_hidden.new_zeros(batch, main.network.dims.n_text_ctx, prompt_hidden.shape[-1])
+        for row, prompt in enumerate(prompts):
+            state.main_features[row, :len(prompt)] = prompt_hidden[row, :len(prompt)]
+        state.exact = [0] * batch
     stats.prefill_seconds += time.perf_counter() - started
 
     rows = start_rows(main.network, tokenizer, prompts, options)
     for row, progress in enumerate(rows):  # the first token comes from the prompt's logits
         filtered = rules.apply(logits[row], [])
         progress.commit(choose_token(filtered, options.temperature, generator), filtered)
+
+    # The assistant reads its prompt (up to 224 tokens of previous text in long-form) here, once per
+    # window: in the loop a sync then feeds only a round's few new tokens, and the controller's
+    # draft cost is a round's, not a window's.
+    started = time.perf_counter()
+    prompt_targets = [p if len(p) <= a_context else None for p in a_prompts]
+    if any(t is not None for t in prompt_targets):
+        sync_assistant(assistant, state, a_audio_kv, prompt_targets)
+    stats.prefill_seconds += time.perf_counter() - started
 
     controller = assistant.new_controller()
     while not all(p.finished for p in rows):
@@ -468,9 +585,9 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
             targets = [t if t is not None and len(t) + gamma <= a_context else None for t in targets]
             drafting = [t is not None for t in targets]
             if any(drafting):
-                a_logits = sync_assistant(assistant, state, a_audio_kv, targets)
+                a_logits, a_hidden = sync_assistant(assistant, state, a_audio_kv, targets)
                 a_drafts, a_dists = draft(assistant, state, a_audio_kv, a_logits, a_rules, drafting, gamma,
-                                          options.temperature, generator)
+                                          options.temperature, generator, last_hidden=a_hidden)
                 main_drafts = [to_main(d) for d in a_drafts]
                 # Cross-tokenizer drafts are fixed proposals over the main vocabulary (point masses).
                 if not assistant.cross_tokenizer:
@@ -486,10 +603,11 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
             main_drafts[r] = main_drafts[r][:max(0, min(p.budget - len(p.tokens), room - 1))]
             blocks.append([] if p.finished else [p.tokens[-1]] + main_drafts[r])
         starts = list(main_cache.lengths)
-        verify_logits = feed_blocks(main, audio_kv, main_cache, blocks, filler=tokenizer.eot)  # (B, T, V)
+        verify_hidden = run_blocks(main, audio_kv, main_cache, blocks, filler=tokenizer.eot)  # (B, T, C)
+        verify_logits = main.network.decoder.logits(verify_hidden).float()  # (B, T, V)
         stats.main_passes += 1
 
-        kept_lengths, n_drafted, n_accepted, n_tokens = [], 0, 0, 0
+        kept_lengths, n_drafted, n_accepted, n_tokens, n_rejections = [], 0, 0, 0, 0
         for r, p in enumerate(rows):
             if not blocks[r]:
                 kept_lengths.append(starts[r])
@@ -498,8 +616,12 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
                                   draft_dists[r] or None, generator)
             # Keep the last decided token and the accepted drafts; forget the rejected ones.
             kept_lengths.append(starts[r] + 1 + accepted)
+            if state.main_features is not None:  # the hidden states of the decided positions, for the draft
+                state.main_features[r, starts[r]:starts[r] + 1 + accepted] = verify_hidden[r, :1 + accepted]
             n_drafted += len(main_drafts[r])
             n_accepted += accepted
+            # Fewer accepted than drafted: a rejection, unless an accepted draft finished the row.
+            n_rejections += int(accepted < len(main_drafts[r]) and not p.last_drafted)
             n_tokens += accepted + 1
             if main_drafts[r]:
                 stats.accepted_per_round.append(accepted)
@@ -509,7 +631,8 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         stats.accepted += n_accepted
         stats.draft_seconds += draft_seconds
         stats.verify_seconds += verify_seconds
-        controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens)
+        controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens,
+                          rejections=n_rejections)
 
     stats.generated_tokens += sum(len(p.tokens) for p in rows)
     return [p.result(no_speech[r], with_draft_mask=True) for r, p in enumerate(rows)]

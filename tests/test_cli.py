@@ -144,6 +144,13 @@ def runs(tmp) -> dict[str, Run]:
         "german_with_english_model": (["transcribe", "demo", *tiny, "--language", "de"], env),
         # Every kind of bad audio in one process (each costs seconds of start-up alone), between good files.
         "mixed": (["transcribe", "demo", *bad_audio, str(tmp / "silence.wav"), *tiny], env),
+        # No distilled draft exists for tiny.en: `auto` says so once and decodes without one.
+        "auto_without_draft": (["transcribe", "demo", *tiny, "--assistant", "auto"], env),
+        "distill_missing_audio": (["distill", "--main", "tiny.en", "--audio", str(tmp / "no_such_folder"),
+                                   "--out", str(tmp / "draft_out")], env),
+        "distill_unknown_main": (["distill", "--main", "acme/whisper-nonexistent", "--audio", str(tmp),
+                                  "--out", str(tmp / "draft_out")], env),
+        "assistant_not_a_model": (["transcribe", "demo", *tiny, "--assistant", str(tmp / "folder.wav")], env),
     }
     if os.environ.get("SPECWHISPER_TEST_BASE") == "1":  # the default model: ~15 s more CPU
         commands["demo_base"] = (["transcribe", "demo"], env)
@@ -209,3 +216,21 @@ def test_bad_files_among_good_ones(runs):
     lines = run.stdout.splitlines()
     assert len(lines) == 2, str(run)  # demo, then silence (an empty line or a hallucination)
     assert lines[0] == runs["demo"].stdout.splitlines()[0], "the bad files changed another file's transcript"
+
+
+def test_auto_assistant_without_a_draft_says_so_and_decodes_greedily(runs):
+    run = runs["auto_without_draft"]
+    assert run.returncode == 0, str(run)
+    assert run.stdout == runs["demo"].stdout, str(run)
+    lines = run.stderr_lines()
+    assert len(lines) == 1 and "no distilled draft for tiny.en" in lines[0], str(run)
+
+
+def test_distill_bad_input_is_one_error_line(runs, tmp):
+    assert_one_error_line(runs["distill_missing_audio"], "no_such_folder")
+    assert_one_error_line(runs["distill_unknown_main"], "acme/whisper-nonexistent")
+    assert not (tmp / "draft_out").exists()
+
+
+def test_assistant_that_is_not_a_model_is_one_error_line(runs, tmp):
+    assert_one_error_line(runs["assistant_not_a_model"], "folder.wav")

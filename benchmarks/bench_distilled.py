@@ -1,0 +1,228 @@
+"""Long-form transcription: greedy vs speculative with the distilled draft, same process, same weights.
+
+    python benchmarks/bench_distilled.py [--main base] [--draft auto|FOLDER] [--folder long] [--repeats 1]
+                                         [--no-faster-whisper] [--threads N]
+
+The recordings of ../shared/audio/long (two LJ Speech chapters, ~4 min each) were never trained
+on (the shipped draft learned from ../shared/audio/dev + multilingual). Each file is transcribed
+whole by `model.transcribe` (30-s windows advanced by seek, prompted with the text so far,
+timestamps on, temperature 0 only: no sampled fallbacks, so the transcripts must be identical),
+greedily and speculatively, alternating file by file so background load hits both alike.
+faster-whisper (CTranslate2 fp32 on the same base weights: the offline package's model.bin),
+if importable, transcribes the same files with matched settings (beam 1, temperature 0, previous
+text, timestamps, no VAD).
+
+Printed per method: wall time (audio loading excluded, log-mel and encoder included), the ratio
+to our greedy, the encoder's share, and for speculative: acceptance (accepted / drafted), mean
+tokens per main-model pass, mean γ, draft ms per drafted token, verify ms per pass, the
+acceptance histogram, and whether the transcripts equal greedy's. Then the napkin math: the
+bytes a draft step and a main step read, and the speedup the measured acceptance and costs
+predict for the decoder (E[tokens per round] / cost of a round, with the γ the controller chose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from common import print_table, read_manifest
+from specwhisper import audio, load_model
+from specwhisper.decoding import DecodeStats
+from specwhisper.draft import Int8Linear, ShortlistHead, find_draft, load_draft
+from specwhisper.prepack import PackedLinear
+from specwhisper.speculative import make_assistant
+from specwhisper.weights.resolve import cache_dir
+
+BYTES_FP32 = 4
+
+
+def faster_whisper_folder(name: str) -> Path | None:
+    """A CTranslate2 model folder for the offline package of `name`: its model.bin parts joined once."""
+    import importlib.util
+
+    from specwhisper.weights.registry import OFFLINE_PACKAGES
+
+    package = OFFLINE_PACKAGES.get(name)
+    if package is None:
+        return None
+    parts = []
+    for module, relative in package.model_bin_parts:
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            return None
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / relative)
+    out = cache_dir() / "ctranslate2" / name
+    model_bin = out / "model.bin"
+    if not model_bin.is_file() or model_bin.stat().st_size != sum(p.stat().st_size for p in parts):
+        out.mkdir(parents=True, exist_ok=True)
+        with open(model_bin.with_suffix(".tmp"), "wb") as f:
+            for part in parts:
+                f.write(part.read_bytes())
+        model_bin.with_suffix(".tmp").replace(model_bin)
+        for extra in ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json", "preprocessor_config.json"):
+            source = parts[0].parent / extra
+            if source.is_file():
+                (out / extra).write_bytes(source.read_bytes())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--main", default="base")
+    parser.add_argument("--draft", default="auto", help="'auto' (the draft found for the main model) or a folder")
+    parser.add_argument("--folder", default="long")
+    parser.add_argument("--files", nargs="*", default=None,
+                        help="only these files of the folder (e.g. a draft's held-out validation clips)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch (and CTranslate2) threads")
+    parser.add_argument("--no-faster-whisper", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    warnings.simplefilter("error")  # a silent fallback to greedy would make the table meaningless
+
+    model = load_model(args.main, device="cpu", dtype="float32")
+    folder = find_draft(model) if args.draft == "auto" else Path(args.draft)
+    if folder is None:
+        raise SystemExit(f"no distilled draft found for {args.main}; pass --draft FOLDER")
+    draft = load_draft(model, folder)
+    assistant = make_assistant(model, draft)
+    rows = [r for r in read_manifest(args.folder) if args.files is None or r["file"] in args.files]
+    samples = {r["file"]: audio.load_audio(r["path"]) for r in rows}
+    audio_seconds = sum(len(s) for s in samples.values()) / audio.SAMPLE_RATE
+    load_start = os.getloadavg()
+    print(f"main {args.main} | draft {folder} ({assistant.kind}, {draft.dims.n_text_layer} layers, "
+          f"{type(draft.network.decoder.output_projection).__name__}) | {len(rows)} files, {audio_seconds:.0f} s of "
+          f"../shared/audio/{args.folder} | {torch.get_num_threads()} threads | load average {load_start[0]:.2f}")
+
+    options = dict(language="en", temperature=0.0)
+    model.transcribe(next(iter(samples.values()))[:16000 * 5], **options)  # warm-up
+
+    results: dict[str, dict] = {"greedy": {}, "speculative": {}}
+    seconds = {"greedy": 0.0, "speculative": 0.0}
+    stats = {"greedy": DecodeStats(), "speculative": DecodeStats()}
+    for _ in range(args.repeats):
+        for name, samples_ in samples.items():
+            for method, helper in (("greedy", None), ("speculative", assistant)):
+                started = time.perf_counter()
+                result = model.transcribe(samples_, assistant=helper, **options)
+                seconds[method] += time.perf_counter() - started
+                results[method][name] = result
+                stats[method].add(result.stats)
+
+    fw_seconds, fw_texts = None, None
+    if not args.no_faster_whisper:
+        fw_seconds, fw_texts = run_faster_whisper(args, samples)
+
+    g, s = stats["greedy"], stats["speculative"]
+    identical = sum(results["greedy"][n].tokens == results["speculative"][n].tokens for n in samples)
+    rounds = len(s.accepted_per_round)
+    table = [
+        ["specwhisper greedy", seconds["greedy"], "1.00x", f"{100 * g.encoder_seconds / seconds['greedy']:.0f}%",
+         "", "1.00", "", f"{1e3 * g.decode_seconds / max(g.main_passes, 1):.1f} (step)", "", "reference"],
+        ["specwhisper + draft", seconds["speculative"], f"{seconds['greedy'] / seconds['speculative']:.2f}x",
+         f"{100 * s.encoder_seconds / seconds['speculative']:.0f}%", f"{100 * s.acceptance_rate:.1f}%",
+         f"{s.tokens_per_main_pass:.2f}", f"{s.drafted / max(rounds, 1):.1f}",
+         f"{1e3 * s.verify_seconds / max(s.main_passes, 1):.1f} (verify)",
+         f"{1e3 * s.draft_seconds / max(s.drafted, 1):.1f}", f"{identical}/{len(samples)} identical"],
+    ]
+    if fw_seconds is not None:
+        same_text = sum(fw_texts[n].strip() == results["greedy"][n].text.strip() for n in samples)
+        table.append(["faster-whisper fp32", fw_seconds, f"{seconds['greedy'] / fw_seconds:.2f}x", "", "", "", "",
+                      "", "", f"{same_text}/{len(samples)} same text"])
+    print_table(["method", "wall s", "vs greedy", "encoder", "accepted", "tokens/pass", "mean γ",
+                 "main ms/pass", "draft ms/token", "transcripts"], table)
+    if fw_seconds is not None:
+        print(f"speculative vs faster-whisper fp32: {fw_seconds / seconds['speculative']:.2f}x faster "
+              f"(target 1.5x); greedy vs faster-whisper: {fw_seconds / seconds['greedy']:.2f}x")
+    decode = {m: stats[m].prefill_seconds + stats[m].decode_seconds + stats[m].draft_seconds + stats[m].verify_seconds
+              for m in stats}
+    print(f"decoder only (prompt + steps, no encoder/log-mel): greedy {decode['greedy']:.1f} s, speculative "
+          f"{decode['speculative']:.1f} s: {decode['greedy'] / max(decode['speculative'], 1e-9):.2f}x; "
+          f"encoder {g.encoder_seconds:.1f} s / {s.encoder_seconds:.1f} s")
+    print(f"accepted per round (drafts accepted: rounds): {s.acceptance_histogram()}")
+    print(f"tokens: greedy {g.generated_tokens}, speculative {s.generated_tokens}; main passes "
+          f"{g.main_passes} -> {s.main_passes}")
+    napkin(model, draft, g, s)
+    load_end = os.getloadavg()
+    print(f"load average: {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
+          f"({os.cpu_count()} CPUs; other processes share them)")
+
+
+def weight_bytes(module) -> int:
+    """Bytes of the matrices a pass streams (plain, prepacked or int8 linears; LayerNorms and biases are noise)."""
+    total = 0
+    for name, m in module.named_modules():
+        if name.endswith(("cross_attn.key", "cross_attn.value")):  # run once per window, not per step
+            continue
+        if isinstance(m, Int8Linear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * BYTES_FP32
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * BYTES_FP32
+    return total
+
+
+def napkin(model, draft, g: DecodeStats, s: DecodeStats) -> None:
+    """Bytes per step, and the decoder speedup the measured acceptance and costs predict."""
+    embedding_bytes = model.network.decoder.token_embedding.weight.numel() * BYTES_FP32
+    # Per step a decoder streams its blocks and its output projection.
+    main_bytes = weight_bytes(model.network.decoder.blocks) + embedding_bytes
+    head = draft.network.decoder.output_projection
+    draft_bytes = weight_bytes(draft.network.decoder.blocks)
+    if isinstance(head, ShortlistHead):
+        draft_bytes += head.rows.numel() * (1 if isinstance(head.packed, Int8Linear) else BYTES_FP32)
+    if getattr(draft.network.decoder, "fuse", None) is not None:
+        draft_bytes += weight_bytes(draft.network.decoder.fuse)
+    elif head is None or head is model.network.decoder.output_projection:
+        draft_bytes += embedding_bytes
+    else:
+        draft_bytes += weight_bytes(head)
+    step = g.decode_seconds / max(g.main_passes, 1)
+    draft_token = s.draft_seconds / max(s.drafted, 1)
+    verify = s.verify_seconds / max(s.main_passes, 1)
+    print(f"napkin: a main step reads {main_bytes / 2**20:.0f} MB of weights, a draft step {draft_bytes / 2**20:.0f} MB "
+          f"({100 * draft_bytes / main_bytes:.0f}%); measured: draft token {1e3 * draft_token:.1f} ms = "
+          f"{100 * draft_token / step:.0f}% of a greedy step ({1e3 * step:.1f} ms), verify pass "
+          f"{1e3 * verify:.1f} ms = {verify / step:.2f} steps")
+    if s.main_passes:
+        predicted = s.tokens_per_main_pass * step / (verify + draft_token * s.drafted / s.main_passes)
+        print(f"predicted decoder speedup from these: {s.tokens_per_main_pass:.2f} tokens per pass x "
+              f"{1e3 * step:.1f} ms / ({1e3 * verify:.1f} ms verify + {s.drafted / s.main_passes:.1f} drafts x "
+              f"{1e3 * draft_token:.1f} ms) = {predicted:.2f}x")
+
+
+def run_faster_whisper(args, samples: dict) -> tuple[float | None, dict | None]:
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError as err:
+        print(f"faster-whisper not importable ({err}); skipping it (pip install faster-whisper)", file=sys.stderr)
+        return None, None
+    folder = faster_whisper_folder(args.main)
+    if folder is None:
+        print(f"no offline CTranslate2 package for {args.main}; skipping faster-whisper", file=sys.stderr)
+        return None, None
+    fw = WhisperModel(str(folder), device="cpu", compute_type="float32", cpu_threads=torch.get_num_threads())
+    settings = dict(language="en", beam_size=1, best_of=1, temperature=0.0, condition_on_previous_text=True,
+                    without_timestamps=False, vad_filter=False, word_timestamps=False)
+    list(fw.transcribe(next(iter(samples.values()))[:16000 * 5], **settings)[0])  # warm-up
+    seconds, texts = 0.0, {}
+    for _ in range(args.repeats):
+        for name, samples_ in samples.items():
+            started = time.perf_counter()
+            segments, _ = fw.transcribe(samples_, **settings)
+            texts[name] = "".join(segment.text for segment in segments)
+            seconds += time.perf_counter() - started
+    return seconds, texts
+
+
+if __name__ == "__main__":
+    main()
