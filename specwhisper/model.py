@@ -188,12 +188,16 @@ class TextDecoder(nn.Module):
         tokens: (B, T) -> hidden states (B, T, n_text_state) after the final LayerNorm.
         Use `logits` on the positions you need: greedy needs the last, verification all.
         """
-        n_new = tokens.shape[1]
-        positions = cache.positions(n_new)  # (B, T)
+        positions = cache.positions(tokens.shape[1])  # (B, T)
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
+        return self.forward_inputs(x, audio_kv, cache)
+
+    def forward_inputs(self, x: Tensor, audio_kv: AudioKV, cache: KVCache) -> Tensor:
+        """The blocks and final LayerNorm on first-block inputs x (B, T, C) at the cache's lengths,
+        for callers that build the inputs themselves (a distilled draft: specwhisper.draft)."""
         for layer, block in enumerate(self.blocks):
             x = block(x, audio_kv, cache, layer)
-        cache.advance(n_new)
+        cache.advance(x.shape[1])
         return self.ln(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

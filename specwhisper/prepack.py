@@ -44,19 +44,29 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def fuse_qkv(attn: nn.Module, make=None) -> None:
+    """Replace self-attention's query/key/value projections by one module computing all three
+    (`make(weight, bias)`, PackedLinear by default), in place."""
+    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
+    bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])  # key has none
+    attn.fused_qkv = (make or PackedLinear)(weight, bias)
+    del attn.query, attn.key, attn.value
+
+
+def replace_linears(root: nn.Module, make=None) -> None:
+    """Replace every nn.Linear under `root` by `make(weight, bias)` (PackedLinear by default), in place."""
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, (make or PackedLinear)(child.weight, child.bias))
+
+
 def prepack_linears(network: Whisper) -> Whisper:
     """Replace every nn.Linear (and the tied output projection) by a PackedLinear, in place;
     self-attention's query/key/value projections become one fused PackedLinear."""
     for block in list(network.encoder.blocks) + list(network.decoder.blocks):
-        attn = block.attn
-        weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
-        bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])
-        attn.fused_qkv = PackedLinear(weight, bias)
-        del attn.query, attn.key, attn.value
-    for module in list(network.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
+        fuse_qkv(block.attn)
+    replace_linears(network)
     decoder = network.decoder
     decoder.output_projection = PackedLinear(decoder.token_embedding.weight, None)
     return network
