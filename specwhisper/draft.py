@@ -35,6 +35,7 @@ draft's own tensors: blocks, LayerNorm, head). `load_draft(main, folder)` rebuil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -48,7 +49,7 @@ from .errors import IncompatibleAssistantError
 from .kv_cache import AudioKV, KVCache
 from .loading import SpeechModel
 from .model import DecoderBlock, ModelDims, Whisper, merge_heads
-from .prepack import PackedLinear, prepack_available
+from .prepack import PackedLinear, fuse_qkv, prepack_available, replace_linears
 from .weights.hf_layout import rename_hf_key, safetensors_files
 
 FORMAT = "specwhisper-draft"
@@ -388,6 +389,7 @@ class Int8Linear(nn.Module):
         return self.linear(rows).view(*x.shape[:-1], self.out_features)
 
 
+@functools.cache
 def int8_available() -> bool:
     """Whether PyTorch's dynamic int8 linear runs here (x86 fbgemm or ARM qnnpack engines)."""
     try:
@@ -404,16 +406,9 @@ def prepack_draft(network: Whisper, main: SpeechModel, int8: bool = False) -> Wh
     int8: the blocks' linears and a shortlist head in int8 instead (`Int8Linear`)."""
     make = Int8Linear if int8 else PackedLinear
     for block in network.decoder.blocks:
-        attn = block.attn
-        if attn.fused_qkv is None:
-            weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
-            bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])
-            attn.fused_qkv = make(weight, bias)
-            del attn.query, attn.key, attn.value
-        for module in list(block.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, make(child.weight, child.bias))
+        if block.attn.fused_qkv is None:
+            fuse_qkv(block.attn, make)
+        replace_linears(block, make)
     if uses_features(network) and isinstance(network.decoder.fuse, nn.Linear):
         network.decoder.fuse = PackedLinear(network.decoder.fuse.weight, network.decoder.fuse.bias)
     head = network.decoder.output_projection
@@ -459,14 +454,10 @@ def draft_forward(network: Whisper, tokens: Tensor, audio_kv: AudioKV, cache: KV
                   features: Tensor | None = None) -> Tensor:
     """`TextDecoder.forward` for a draft: tokens (B, T) at the cache's lengths, with the main model's
     hidden states of the previous positions (B, T, C) when the draft reads them. Returns (B, T, C)."""
-    decoder = network.decoder
     if not uses_features(network):
-        return decoder(tokens, audio_kv, cache)
+        return network.decoder(tokens, audio_kv, cache)
     x = draft_input(network, tokens, cache.positions(tokens.shape[1]), features)
-    for layer, block in enumerate(decoder.blocks):
-        x = block(x, audio_kv, cache, layer)
-    cache.advance(tokens.shape[1])
-    return decoder.ln(x)
+    return network.decoder.forward_inputs(x, audio_kv, cache)
 
 
 def shift_features(hidden: Tensor) -> Tensor:
@@ -661,28 +652,6 @@ def _lowrank_shell(embedding: Tensor, rank: int) -> LowRankHead:
     head.down = nn.Linear(width, rank, bias=False, device=embedding.device, dtype=embedding.dtype)
     head.up = nn.Linear(rank, n_vocab, device=embedding.device, dtype=embedding.dtype)
     return head
-
-
-def storage_megabytes(folder: str | os.PathLike) -> float:
-    return (Path(folder) / WEIGHTS_FILE).stat().st_size / 2**20
-
-
-def draft_step_flops(network: Whisper) -> int:
-    """Multiply-adds of one draft step (one token), for napkin math: blocks plus head."""
-    dims = network.dims
-    width = dims.n_text_state
-    per_block = 4 * width * width + 2 * width * width + 8 * width * width  # self-attn, cross q/out, MLP
-    head = network.decoder.output_projection
-    if isinstance(head, ShortlistHead):
-        head_cost = len(head.ids) * width
-    elif isinstance(head, LowRankHead):
-        rank = head.down.out_features
-        head_cost = rank * width + rank * dims.n_vocab
-    else:
-        head_cost = dims.n_vocab * width
-    fuse_cost = 2 * width * width if uses_features(network) else 0
-    return dims.n_text_layer * per_block + head_cost + fuse_cost
-
 
 
 # ----------------------------------------------------------------------------- finding a draft for a main model
