@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, RowProgress, WindowResult, autoregressive_decode,
                        choose_token, no_speech_probs, prefill, start_rows)
+from .draft import draft_folder, draft_forward, find_draft, load_draft, uses_features
 from .errors import IncompatibleAssistantError
 from .kv_cache import AudioKV, KVCache
 from .loading import SpeechModel, load_model
@@ -241,7 +242,7 @@ class Assistant:
     @property
     def reads_features(self) -> bool:
         """A distilled draft that reads the main model's hidden states (specwhisper.draft, features=True)."""
-        return getattr(self.model.network.decoder, "fuse", None) is not None
+        return uses_features(self.model.network)
 
     def can_draft(self, language: str | None) -> bool:
         return self.model.tokenizer.multilingual or language in (None, "en")
@@ -299,8 +300,6 @@ def load_assistant(main: SpeechModel, name_or_path: str, draft_length: int | Non
 
     name_or_path: a model name, hub id or folder, or a distilled draft's folder (`specwhisper.draft`).
     """
-    from .draft import draft_folder, load_draft
-
     if draft_folder(name_or_path) is not None:
         return make_assistant(main, load_draft(main, name_or_path), draft_length)
     assistant = load_model(name_or_path, device=main.device, dtype=main.dtype)
@@ -310,8 +309,6 @@ def load_assistant(main: SpeechModel, name_or_path: str, draft_length: int | Non
 def resolve_auto_assistant(main: SpeechModel, draft_length: int | None = None) -> Assistant | None:
     """`--assistant auto`: the distilled draft made for this main model (under the specwhisper cache,
     or shipped with the package), or None when there is none: then decode without an assistant."""
-    from .draft import find_draft, load_draft
-
     folder = find_draft(main)
     return None if folder is None else make_assistant(main, load_draft(main, folder), draft_length)
 
@@ -344,18 +341,11 @@ def run_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: li
     padded = torch.tensor([b + [filler] * (longest - len(b)) for b in blocks], dtype=torch.long,
                           device=audio_kv.keys[0].device)
     if features is not None:
-        from .draft import draft_forward
-
         hidden = draft_forward(model.network, padded, audio_kv, cache, features)
     else:
         hidden = model.network.decoder(padded, audio_kv, cache)  # (B, T, C)
     cache.rollback([s + len(b) for s, b in zip(start, blocks)])
     return hidden
-
-
-def feed_blocks(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int) -> Tensor:
-    """`run_blocks`, returning float logits at every position (B, T, V)."""
-    return model.network.decoder.logits(run_blocks(model, audio_kv, cache, blocks, filler)).float()
 
 
 def feed_rows(model: SpeechModel, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], filler: int,
@@ -538,10 +528,9 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
     stats.encoder_seconds += time.perf_counter() - started
     a_rules = LogitRules(a_tokenizer, assistant.model.suppress_tokens, assistant.model.begin_suppress_tokens,
                          options, assistant.model.dims.n_vocab)
-    if assistant.reads_features:  # one vocabulary, one prompt: draft position j is main position j
-        a_prompts = [list(p) for p in prompts]
-    else:
-        a_prompts = assistant_prompts(tokenizer, assistant, prompts, languages, options, to_assistant)
+    # With one vocabulary the assistant's prompt is the main model's, token for token, so a feature
+    # draft's position j is the main model's position j.
+    a_prompts = assistant_prompts(tokenizer, assistant, prompts, languages, options, to_assistant)
     state = AssistantState(cache=assistant.model.network.new_cache(batch), fed=[[] for _ in range(batch)],
                            prompts=a_prompts)
     a_context = assistant.model.dims.n_text_ctx
