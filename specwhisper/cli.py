@@ -17,7 +17,8 @@ from .errors import SpecWhisperError
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
 # `auto` finds the distilled draft shipped for base (specwhisper/assets/drafts) or one the user
-# made; with no draft for the model it decodes without an assistant.
+# made; with no draft for the model it decodes without an assistant (and says so only when
+# --assistant auto was given explicitly).
 DEFAULT_ASSISTANT = "auto"
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV natively; FLAC, MP3, ... through ffmpeg); "
                    "'demo' is the bundled demo clip")
     t.add_argument("--model", default="base", help="model name (base, tiny.en, large-v3, ...), hub id or folder (default: base)")
-    t.add_argument("--assistant", default=DEFAULT_ASSISTANT,
+    t.add_argument("--assistant", default=None,
                    help="assistant for speculative decoding: 'auto' (the distilled draft made for --model, when "
                    "there is one: see `specwhisper distill`), a model name, hub id or folder, a draft folder, or "
                    f"'none' (default: {DEFAULT_ASSISTANT})")
@@ -134,7 +135,8 @@ def run_transcribe(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     check_language(model.tokenizer, args.language, args.task)  # a bad code fails here, once, before any decoding
-    assistant = resolve_assistant(model, args.assistant, args.draft_length, explicit=args.assistant_given)
+    assistant = resolve_assistant(model, args.assistant or DEFAULT_ASSISTANT, args.draft_length,
+                                  explicit=args.assistant is not None)
     paths = [demo_clip_path() if path == "demo" else path for path in args.files]
     progress = _progress_bar()
     run_stats = DecodeStats()
@@ -180,12 +182,12 @@ def run_transcribe(args: argparse.Namespace) -> int:
     return status
 
 
-def resolve_assistant(model, choice: str | None, draft_length: int | None, explicit: bool):
+def resolve_assistant(model, choice: str, draft_length: int | None, explicit: bool):
     """--assistant: None for 'none'; for 'auto', the draft made for this model or None (said on stderr
     when the user asked for auto by name); otherwise the named model or draft folder, checked."""
     from .speculative import load_assistant, resolve_auto_assistant
 
-    if not choice or choice.lower() == "none":
+    if choice.lower() == "none":
         return None
     if choice.lower() == "auto":
         assistant = resolve_auto_assistant(model, draft_length=draft_length)
@@ -234,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
-    args.assistant_given = any(a == "--assistant" or a.startswith("--assistant=") for a in argv)
     try:
         if args.command == "transcribe":
             return run_transcribe(args)
