@@ -496,6 +496,7 @@ class Batch:
     topk_ids: Tensor  # (N, k) long
     topk_probs: Tensor  # (N, k) float, renormalized teacher probabilities
     hidden: Tensor | None  # (N, C) the main model's final hidden states, when every window has them
+    first_targets: list[int]  # per row: the position whose output predicts the first generated token
     context_in: Tensor | None = None  # (B, T, C) a feature draft's input: the main model's hidden state one position back
 
 
@@ -515,6 +516,7 @@ def make_batch(windows: list[TeacherWindow], pad: int, device, dtype) -> Batch:
                  topk_probs=torch.softmax(logprobs, dim=-1).to(device),
                  hidden=torch.cat([w.hidden for w in windows]).to(device, torch.float32)
                  if all(w.hidden is not None for w in windows) else None,
+                 first_targets=[w.first_target for w in windows],
                  context_in=_context_input(windows, longest, device, dtype))
 
 
@@ -527,18 +529,18 @@ def _context_input(windows: list[TeacherWindow], longest: int, device, dtype) ->
     return shift_features(context).to(device, dtype)  # position t reads the hidden state of t - 1
 
 
-def own_feedback_input(hidden: Tensor, batch: Batch, first_targets: list[int]) -> Tensor:
+def own_feedback_input(hidden: Tensor, batch: Batch) -> Tensor:
     """A feature draft's input when it drafts its second token and beyond: at generated positions
     its own previous hidden state stands in for the main model's (which verification has not
     computed yet); at prompt positions the main model's stays. hidden: (B, T, C) from a first pass."""
     own = shift_features(hidden.detach())
     generated = torch.arange(hidden.shape[1], device=hidden.device)[None] > \
-        torch.tensor(first_targets, device=hidden.device)[:, None]  # (B, T): t - 1 >= first target
+        torch.tensor(batch.first_targets, device=hidden.device)[:, None]  # (B, T): t - 1 >= first target
     return torch.where(generated[..., None], own, batch.context_in)
 
 
-def batch_loss(network, batch: Batch, ce_weight: float, hidden_weight: float = 0.0, feedback_weight: float = 0.0,
-               first_targets: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def batch_loss(network, batch: Batch, ce_weight: float, hidden_weight: float = 0.0, feedback_weight: float = 0.0
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, per-position KL, per-position draft argmax as full-vocabulary ids), with gradients.
 
     A feature draft is trained on the main model's hidden states (what its first drafted token sees)
@@ -550,7 +552,7 @@ def batch_loss(network, batch: Batch, ce_weight: float, hidden_weight: float = 0
     hidden = decode_all_positions(network, batch.tokens, audio_kv, context)  # (B, T, C)
     loss, kl, argmax = _loss_terms(network, hidden[batch.rows, batch.positions], batch, ce_weight, hidden_weight)
     if context is not None and feedback_weight:
-        fed_back = decode_all_positions(network, batch.tokens, audio_kv, own_feedback_input(hidden, batch, first_targets))
+        fed_back = decode_all_positions(network, batch.tokens, audio_kv, own_feedback_input(hidden, batch))
         loss2, _, _ = _loss_terms(network, fed_back[batch.rows, batch.positions], batch, ce_weight, hidden_weight)
         loss = (loss + feedback_weight * loss2) / (1 + feedback_weight)
     return loss, kl, argmax
@@ -597,8 +599,7 @@ def validate(main: SpeechModel, network, windows: list[TeacherWindow], batch_siz
         n += len(kl)
         fed_back = None
         if features:  # the second drafted token onwards: the draft's own hidden state fed back
-            fed_back = decode_all_positions(network, batch.tokens, audio_kv,
-                                            own_feedback_input(hidden, batch, [w.first_target for w in chunk]))
+            fed_back = decode_all_positions(network, batch.tokens, audio_kv, own_feedback_input(hidden, batch))
         for r, w in enumerate(chunk):
             hits = hits_of(hidden, r, w)
             agree += hits
@@ -699,9 +700,7 @@ def train(main: SpeechModel, network, train_windows: list[TeacherWindow], val_wi
         for i in range(0, len(order), options.batch_size):
             batch = make_batch([train_windows[j] for j in order[i:i + options.batch_size]], main.tokenizer.eot,
                                main.device, main.dtype)
-            chunk = [train_windows[j] for j in order[i:i + options.batch_size]]
-            loss, _, _ = batch_loss(network, batch, options.ce_weight, options.hidden_weight, options.feedback_weight,
-                                    [w.first_target for w in chunk])
+            loss, _, _ = batch_loss(network, batch, options.ce_weight, options.hidden_weight, options.feedback_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
