@@ -44,19 +44,15 @@ BYTES_FP32 = 4
 
 def faster_whisper_folder(name: str) -> Path | None:
     """A CTranslate2 model folder for the offline package of `name`: its model.bin parts joined once."""
-    import importlib.util
-
     from specwhisper.weights.registry import OFFLINE_PACKAGES
+    from specwhisper.weights.resolve import package_file
 
     package = OFFLINE_PACKAGES.get(name)
     if package is None:
         return None
-    parts = []
-    for module, relative in package.model_bin_parts:
-        spec = importlib.util.find_spec(module)
-        if spec is None:
-            return None
-        parts.append(Path(list(spec.submodule_search_locations)[0]) / relative)
+    parts = [package_file(module, relative) for module, relative in package.model_bin_parts]
+    if any(p is None for p in parts):
+        return None
     out = cache_dir() / "ctranslate2" / name
     model_bin = out / "model.bin"
     if not model_bin.is_file() or model_bin.stat().st_size != sum(p.stat().st_size for p in parts):

@@ -22,7 +22,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _package_file(import_name: str, relative: str) -> Path | None:
+def package_file(import_name: str, relative: str) -> Path | None:
     spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -31,11 +31,11 @@ def _package_file(import_name: str, relative: str) -> Path | None:
 
 def offline_folder(name: str, package: OfflinePackage) -> Path | None:
     """The converted folder for an installed offline package (converting on first use), or None if not installed."""
-    parts = [_package_file(mod, rel) for mod, rel in package.model_bin_parts]
-    tokenizer = _package_file(*package.tokenizer)
+    parts = [package_file(mod, rel) for mod, rel in package.model_bin_parts]
+    tokenizer = package_file(*package.tokenizer)
     if any(p is None for p in parts) or tokenizer is None:
         return None
-    ct2_config = _package_file(*package.ct2_config)
+    ct2_config = package_file(*package.ct2_config)
     # The stamp records which source files the conversion came from, so an upgraded package reconverts.
     stamp = {"name": name, "sources": [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in parts if p.is_file()]}
     out = cache_dir() / "converted" / name
