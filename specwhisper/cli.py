@@ -123,6 +123,11 @@ def fallback_temperatures(start: float, increment: float | None) -> tuple[float,
 def run_transcribe(args: argparse.Namespace) -> int:
     import torch
 
+    with torch.no_grad():  # scoped, not set globally: main() is also called in-process (tests, scripts)
+        return _transcribe_files(args)
+
+
+def _transcribe_files(args: argparse.Namespace) -> int:
     from .decoding import DecodeStats
     from .loading import load_model
     from .outputs import output_formats, write_outputs
@@ -132,7 +137,6 @@ def run_transcribe(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     formats = output_formats(args.output_format or "all") if (args.output_format or args.output_dir) else ()
     output_dir = args.output_dir or "."
-    torch.set_grad_enabled(False)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     check_language(model.tokenizer, args.language, args.task)  # a bad code fails here, once, before any decoding
     assistant = resolve_assistant(model, args.assistant or DEFAULT_ASSISTANT, args.draft_length,

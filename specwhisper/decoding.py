@@ -10,6 +10,9 @@ The pieces, each usable alone:
   - `autoregressive_decode`: prefill, then one token per step (greedy, or sampled
     at temperature > 0) until end-of-text or the 448-token context.
   - `choose_token`: the argmax, or a sample at temperature > 0.
+  - `screened_rows` / `settle_logprobs`: greedy steps on the CPU choose from an fp16 screen of
+    the output projection, exactly (specwhisper.screening); log-probabilities are computed
+    exactly for the whole window at its end.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor
 
 from .kv_cache import AudioKV, KVCache
 from .model import Whisper
+from .screening import ScreenedRow
 from .tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
@@ -111,16 +115,18 @@ class LogitRules:
         self.max_initial_timestamp_index = round(options.max_initial_timestamp / 0.02) \
             if options.max_initial_timestamp is not None else None
 
-    def apply(self, logits: Tensor, generated: list[int]) -> Tensor:
-        """Mask, in place, the tokens that may not follow `generated`. logits: (V,) float."""
+    def apply(self, logits: Tensor, generated: list[int], screen: ScreenedRow | None = None) -> Tensor:
+        """Mask, in place, the tokens that may not follow `generated`. logits: (V,) float.
+        screen: set when `logits` are screened (within screen.bound of the exact ones); the
+        timestamp rule is then still decided as on the exact logits."""
         logits[self.suppress.to(logits.device)] = NEG_INF
         if not generated and len(self.begin_suppress):
             logits[self.begin_suppress.to(logits.device)] = NEG_INF
         if self.timestamps:
-            self._timestamp_rules(logits, generated)
+            self._timestamp_rules(logits, generated, screen)
         return logits
 
-    def _timestamp_rules(self, logits: Tensor, generated: list[int]) -> None:
+    def _timestamp_rules(self, logits: Tensor, generated: list[int], screen: ScreenedRow | None) -> None:
         ts = self.timestamp_begin
         last_was_ts = len(generated) >= 1 and generated[-1] >= ts
         penultimate_was_ts = len(generated) < 2 or generated[-2] >= ts
@@ -138,9 +144,22 @@ class LogitRules:
             logits[:ts] = NEG_INF  # a timestamped transcript starts with a timestamp
             if self.max_initial_timestamp_index is not None:
                 logits[ts + self.max_initial_timestamp_index + 1:] = NEG_INF
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if torch.logsumexp(logprobs[ts:], dim=-1) > logprobs[:ts].max():
+        if self._timestamps_outweigh_text(logits, screen):
             logits[:ts] = NEG_INF  # all timestamps together outweigh the best text token
+
+    def _timestamps_outweigh_text(self, logits: Tensor, screen: ScreenedRow | None) -> bool:
+        ts = self.timestamp_begin
+        if screen is not None:
+            # Every screened logit is within `bound` of the exact one, so the log-sum-exp of the
+            # timestamps and the best text logit each are too: a margin over 2 bounds is decided.
+            margin = float(torch.logsumexp(logits[ts:], dim=-1) - logits[:ts].max())
+            if abs(margin) > 2 * screen.bound:
+                return margin > 0
+            exact = screen.exact_row()
+            exact[logits == NEG_INF] = NEG_INF  # the masks applied so far
+            logits = exact
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return bool(torch.logsumexp(logprobs[ts:], dim=-1) > logprobs[:ts].max())
 
 
 def detect_language(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV) -> list[dict[str, float]]:
@@ -207,10 +226,12 @@ def resolve_languages(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, l
     return [max(p, key=p.get) for p in probs], probs
 
 
-def choose_token(logits: Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """The next token from filtered logits (V,): argmax at temperature 0, else a sample."""
+def choose_token(logits: Tensor, temperature: float, generator: torch.Generator | None,
+                 screen: ScreenedRow | None = None) -> int:
+    """The next token from filtered logits (V,): argmax at temperature 0, else a sample.
+    screen: `logits` are screened; the argmax is then refined to the exact one."""
     if temperature == 0:
-        return int(logits.argmax())
+        return screen.argmax(logits) if screen is not None else int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -227,11 +248,21 @@ class RowProgress:
     finished: bool = False
     ended_with_eot: bool = False
     last_drafted: bool = False  # the latest decided token was an accepted draft (end-of-text included)
+    # Tokens decided from screened logits: their hidden states and how many tokens preceded each.
+    # Their log-probabilities are added by `settle_logprobs`.
+    unscored_hidden: list[Tensor] = field(default_factory=list)
+    unscored_at: list[int] = field(default_factory=list)
 
-    def commit(self, token: int, filtered_logits: Tensor, drafted: bool = False) -> None:
-        """Record the decided next token; end-of-text or a spent budget finishes the row."""
+    def commit(self, token: int, filtered_logits: Tensor, drafted: bool = False,
+               screen: ScreenedRow | None = None) -> None:
+        """Record the decided next token; end-of-text or a spent budget finishes the row.
+        screen: the logits were screened, so the log-probability is left to `settle_logprobs`."""
         self.last_drafted = drafted
-        self.sum_logprob += float(torch.log_softmax(filtered_logits, dim=-1)[token])
+        if screen is not None:
+            self.unscored_hidden.append(screen.hidden)
+            self.unscored_at.append(len(self.tokens))
+        else:
+            self.sum_logprob += float(torch.log_softmax(filtered_logits, dim=-1)[token])
         if token == self.eot:
             self.finished = self.ended_with_eot = True
             return
@@ -241,10 +272,37 @@ class RowProgress:
             self.finished = True
 
     def result(self, no_speech_prob: float, with_draft_mask: bool = False) -> WindowResult:
+        assert not self.unscored_at, "settle_logprobs first"
         n_scored = len(self.tokens) + (1 if self.ended_with_eot else 0)  # end-of-text's log-prob counts too
         return WindowResult(tokens=self.tokens, language=None, avg_logprob=self.sum_logprob / max(n_scored, 1),
                             no_speech_prob=no_speech_prob, finished=self.ended_with_eot,
                             draft_mask=self.from_draft if with_draft_mask else None)
+
+
+def screened_rows(model: Whisper, hidden: Tensor, options: DecodingOptions
+                  ) -> tuple[list[ScreenedRow], Tensor] | None:
+    """hidden (N, C) -> screened logits (N, V) of each row, or None where screening does not apply
+    (no screen installed, or sampling, which needs every probability)."""
+    head = model.decoder.screened_head
+    if head is None or options.temperature > 0:
+        return None
+    logits, bounds = head.screen(hidden)
+    return [ScreenedRow(head, h, b) for h, b in zip(hidden, bounds)], logits
+
+
+def settle_logprobs(model: Whisper, rules: LogitRules, rows: list[RowProgress]) -> None:
+    """Add the exact log-probabilities of the tokens chosen from screened logits: one fp32 pass of
+    the output projection over each row's stored hidden states, then the same rules as when chosen."""
+    for progress in rows:
+        if not progress.unscored_at:
+            continue
+        logits = model.decoder.logits(torch.stack(progress.unscored_hidden)).float()  # (K, V)
+        decided = progress.tokens + ([progress.eot] if progress.ended_with_eot else [])
+        for row_logits, at in zip(logits, progress.unscored_at):
+            filtered = rules.apply(row_logits, progress.tokens[:at])
+            progress.sum_logprob += float(torch.log_softmax(filtered, dim=-1)[decided[at]])
+        progress.unscored_hidden.clear()
+        progress.unscored_at.clear()
 
 
 def start_rows(model: Whisper, tokenizer: Tokenizer, prompts: list[list[int]], options: DecodingOptions
@@ -267,23 +325,31 @@ def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioK
 
     started = time.perf_counter()
     rows = start_rows(model, tokenizer, prompts, options)
+    screens = None  # the prompt's logits are exact; later steps' are screened where possible
     while True:
         next_tokens = []
         for row, progress in enumerate(rows):
             if progress.finished:
                 next_tokens.append(tokenizer.eot)  # a filler, rolled back below
                 continue
-            filtered = rules.apply(logits[row], progress.tokens)
-            token = choose_token(filtered, options.temperature, generator)
-            progress.commit(token, filtered)
+            screen = screens[row] if screens else None
+            filtered = rules.apply(logits[row], progress.tokens, screen)
+            token = choose_token(filtered, options.temperature, generator, screen)
+            progress.commit(token, filtered, screen=screen)
             next_tokens.append(token)
         if all(p.finished for p in rows):
             break
         step_input = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
-        logits = model.decoder.logits(model.decoder(step_input, audio_kv, cache))[:, -1].float()
+        hidden = model.decoder(step_input, audio_kv, cache)[:, -1]  # (B, C)
+        screened = screened_rows(model, hidden, options)
+        if screened is not None:
+            screens, logits = screened
+        else:
+            logits = model.decoder.logits(hidden).float()
         stats.main_passes += 1
         if any(p.finished for p in rows):  # finished rows were fed a filler: keep their length where it was
             cache.rollback([n - 1 if p.finished else n for n, p in zip(cache.lengths, rows)])
+    settle_logprobs(model, rules, rows)
     stats.decode_seconds += time.perf_counter() - started
     stats.generated_tokens += sum(len(p.tokens) for p in rows)
     return [p.result(no_speech[row]) for row, p in enumerate(rows)]

@@ -176,6 +176,9 @@ class TextDecoder(nn.Module):
         # The output projection is tied to the token embedding; a faster module may stand in for it
         # (specwhisper.prepack), computing the same product.
         self.output_projection: nn.Module | None = None
+        # Optionally a cheap screen of the same projection with an error bound, for exact greedy
+        # choices without computing every logit exactly (specwhisper.screening; used by decoding).
+        self.screened_head: nn.Module | None = None
 
     def audio_kv(self, audio_features: Tensor) -> AudioKV:
         """Cross-attention K/V of every layer for these audio features, computed once per window."""

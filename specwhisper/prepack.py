@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import Whisper
+from .screening import install_screen, screen_available
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -63,10 +64,13 @@ def replace_linears(root: nn.Module, make=None) -> None:
 
 def prepack_linears(network: Whisper) -> Whisper:
     """Replace every nn.Linear (and the tied output projection) by a PackedLinear, in place;
-    self-attention's query/key/value projections become one fused PackedLinear."""
+    self-attention's query/key/value projections become one fused PackedLinear. Where fbgemm runs,
+    the decoder also gets an fp16 screen of its output projection (specwhisper.screening)."""
     for block in list(network.encoder.blocks) + list(network.decoder.blocks):
         fuse_qkv(block.attn)
     replace_linears(network)
     decoder = network.decoder
     decoder.output_projection = PackedLinear(decoder.token_embedding.weight, None)
+    if screen_available():
+        install_screen(decoder)
     return network

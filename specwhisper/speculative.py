@@ -35,11 +35,12 @@ import torch
 from torch import Tensor
 
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, RowProgress, WindowResult, autoregressive_decode,
-                       choose_token, no_speech_probs, prefill, start_rows)
+                       choose_token, no_speech_probs, prefill, screened_rows, settle_logprobs, start_rows)
 from .draft import draft_folder, draft_forward, find_draft, load_draft, uses_features
 from .errors import IncompatibleAssistantError
 from .kv_cache import AudioKV, KVCache
 from .loading import SpeechModel, load_model
+from .screening import ScreenedRow
 from .tokenizer import Tokenizer
 
 
@@ -477,30 +478,34 @@ def assistant_prompts(main_tokenizer: Tokenizer, assistant: Assistant, prompts: 
 
 
 def verify_row(progress: RowProgress, logits: Tensor, drafts: list[int], rules: LogitRules,
-               options: DecodingOptions, draft_dists: list[Tensor] | None, generator: torch.Generator | None) -> int:
+               options: DecodingOptions, draft_dists: list[Tensor] | None, generator: torch.Generator | None,
+               screens: list[ScreenedRow] | None = None) -> int:
     """Walk one row's verified positions: commit accepted drafts, then the main model's own token.
 
     logits: (T, V) for the row's last decided token and its drafts. draft_dists: the assistant's
     distribution per draft (sampling, same vocabulary), or None (greedy, or point-mass proposals).
+    screens: per position, set when `logits` are screened (greedy on the CPU), as in greedy decoding.
     Returns how many drafts were accepted.
     """
     for i, drafted in enumerate(drafts):
-        filtered = rules.apply(logits[i], progress.tokens)
+        screen = screens[i] if screens else None
+        filtered = rules.apply(logits[i], progress.tokens, screen)
         if options.temperature > 0:
             p = torch.softmax(filtered / options.temperature, dim=-1)
             ok, replacement = sample_accept(p, draft_dists[i] if draft_dists else None, drafted, generator)
         else:
-            replacement = int(filtered.argmax())
+            replacement = choose_token(filtered, 0.0, None, screen)
             ok = greedy_accept([replacement], [drafted]) == 1
         if not ok:
-            progress.commit(replacement, filtered)
+            progress.commit(replacement, filtered, screen=screen)
             return i
-        progress.commit(drafted, filtered, drafted=True)
+        progress.commit(drafted, filtered, drafted=True, screen=screen)
         if progress.finished:  # an accepted end-of-text, or the budget is spent
             return i + 1
     # Every draft passed: the main model's bonus token.
-    filtered = rules.apply(logits[len(drafts)], progress.tokens)
-    progress.commit(choose_token(filtered, options.temperature, generator), filtered)
+    screen = screens[len(drafts)] if screens else None
+    filtered = rules.apply(logits[len(drafts)], progress.tokens, screen)
+    progress.commit(choose_token(filtered, options.temperature, generator, screen), filtered, screen=screen)
     return len(drafts)
 
 
@@ -593,7 +598,15 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
             blocks.append([] if p.finished else [p.tokens[-1]] + main_drafts[r])
         starts = list(main_cache.lengths)
         verify_hidden = run_blocks(main, audio_kv, main_cache, blocks, filler=tokenizer.eot)  # (B, T, C)
-        verify_logits = main.network.decoder.logits(verify_hidden).float()  # (B, T, V)
+        n_positions = verify_hidden.shape[1]
+        screened = screened_rows(main.network, verify_hidden.reshape(-1, verify_hidden.shape[-1]), options)
+        if screened is not None:  # greedy on the CPU: exact choices from an fp16 screen (specwhisper.screening)
+            flat_screens, flat_logits = screened
+            verify_logits = flat_logits.view(batch, n_positions, -1)  # (B*T, V) -> (B, T, V)
+            screens = [flat_screens[r * n_positions:(r + 1) * n_positions] for r in range(batch)]
+        else:
+            verify_logits = main.network.decoder.logits(verify_hidden).float()  # (B, T, V)
+            screens = [None] * batch
         stats.main_passes += 1
 
         kept_lengths, n_drafted, n_accepted, n_tokens, n_rejections = [], 0, 0, 0, 0
@@ -602,7 +615,7 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
                 kept_lengths.append(starts[r])
                 continue
             accepted = verify_row(p, verify_logits[r], main_drafts[r], rules, options,
-                                  draft_dists[r] or None, generator)
+                                  draft_dists[r] or None, generator, screens[r])
             # Keep the last decided token and the accepted drafts; forget the rejected ones.
             kept_lengths.append(starts[r] + 1 + accepted)
             if state.main_features is not None:  # the hidden states of the decided positions, for the draft
@@ -623,5 +636,8 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens,
                           rejections=n_rejections)
 
+    started = time.perf_counter()
+    settle_logprobs(main.network, rules, rows)
+    stats.verify_seconds += time.perf_counter() - started
     stats.generated_tokens += sum(len(p.tokens) for p in rows)
     return [p.result(no_speech[r], with_draft_mask=True) for r, p in enumerate(rows)]
