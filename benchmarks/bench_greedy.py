@@ -5,9 +5,11 @@
 Both sides read the same converted safetensors folder, in fp32, with torch's default
 thread count, and decode ../shared/audio/dev greedily (first 30 s of each clip, audio
 padded to 30 s before the log-mel: the transformers convention, so the token ids can
-be compared). specwhisper runs twice: with the oneDNN-prepacked linears that
-`load_model` installs on the CPU (specwhisper.prepack) and with plain nn.Linear
-(`prepack=False`), so the effect of the prepack shows in the same run.
+be compared). specwhisper runs three times: as `load_model` sets it up on the CPU
+(oneDNN-prepacked linears, specwhisper.prepack, and greedy choices from an fp16 screen
+of the output projection, specwhisper.screening); the same model without the screen
+(every logit from the fp32 projection); and with plain nn.Linear (`prepack=False`), so
+the effect of each shows in the same run.
 
 Per model it prints, summed over all clips (audio file reading is not timed):
   - wall time, split into log-mel / encoder / decode, and transformers' time over ours;
@@ -17,7 +19,9 @@ Per model it prints, summed over all clips (audio file reading is not timed):
   - tokens generated, and on how many clips the token ids equal transformers';
   - napkin math: the bytes one decoder step must read (decoder weights, the tied output
     projection, the window's cross-attention K/V; fp32), the bandwidth each side's
-    step time implies, and the floor at this machine's bandwidth, measured here.
+    step time implies, and the floor at this machine's bandwidth, measured here. With
+    the screen the projection is read in fp16 (half the bytes); each token's exact
+    log-probability then costs a share of one fp32 GEMM per window, counted in its steps.
 
 transformers' decode is timed alone by handing `generate` the precomputed
 `encoder_outputs`; a streamer timestamps each token, which splits its first
@@ -207,13 +211,14 @@ def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int
     dims = model.dims
     print(f"\n## {name}: {dims.n_text_layer}-layer decoder, width {dims.n_text_state}, vocab {dims.n_vocab}; "
           f"{n_clips} clips, batch {batch}, fp32, CPU, {torch.get_num_threads()} torch threads")
-    header = ["", "specwhisper", "no prepack", "transformers", "tf / ours", "no prepack / ours"]
+    unscreened = runs["no screen"]
+    header = ["", "specwhisper", "no screen", "no prepack", "transformers", "tf / ours", "no screen / ours"]
 
     def row(label, get, fmt=float):
-        values = [get(t) for t in (ours, plain, hf)]
+        values = [get(t) for t in (ours, unscreened, plain, hf)]
         if fmt is int:  # counts: equal on both sides when the tokens are
             return [label] + values + ["", ""]
-        return [label] + [fmt(v) for v in values] + [ratio(values[2], values[0]), ratio(values[1], values[0])]
+        return [label] + [fmt(v) for v in values] + [ratio(values[3], values[0]), ratio(values[1], values[0])]
 
     print_rows(header, [
         row("total s", lambda t: t.total),
@@ -226,20 +231,25 @@ def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int
         row("decoder steps", lambda t: t.passes, int),
     ])
     print(f"identical token ids vs transformers: specwhisper {identical(ours, hf)}/{n_clips} clips, "
-          f"no prepack {identical(plain, hf)}/{n_clips}")
+          f"no screen {identical(unscreened, hf)}/{n_clips}, no prepack {identical(plain, hf)}/{n_clips}")
 
     parts = step_bytes(model, batch)
     total_bytes = sum(parts.values())
+    screened_bytes = total_bytes - parts["output projection"] // 2 if model.network.decoder.screened_head else total_bytes
     read_gbs, copy_gbs = bandwidth
     floor_ms = 1e3 * total_bytes / (read_gbs * 1e9)
     print("napkin math, one decoder step: " + " + ".join(f"{v / 1e6:.1f} MB {k}" for k, v in parts.items())
           + f" = {total_bytes / 1e6:.1f} MB read")
     print(f"  memory bandwidth measured here: {read_gbs:.1f} GB/s read (sum), {copy_gbs:.1f} GB/s copy "
           f"(read + write) -> floor {floor_ms:.2f} ms/step at the read bandwidth")
-    for label, t in (("specwhisper", ours), ("no prepack", plain), ("transformers", hf)):
-        gbs = total_bytes / (t.ms_per_step * 1e-3) / 1e9 if t.passes else 0.0
+    if screened_bytes != total_bytes:
+        print(f"  with the fp16 screen specwhisper reads {screened_bytes / 1e6:.1f} MB per step: "
+              f"floor {1e3 * screened_bytes / (read_gbs * 1e9):.2f} ms/step")
+    for label, t, nbytes in (("specwhisper", ours, screened_bytes), ("no screen", unscreened, total_bytes),
+                             ("no prepack", plain, total_bytes), ("transformers", hf, total_bytes)):
+        gbs = nbytes / (t.ms_per_step * 1e-3) / 1e9 if t.passes else 0.0
         print(f"  {label:>12}: {t.ms_per_step:6.2f} ms/step -> {gbs:5.1f} GB/s implied "
-              f"({100 * gbs / read_gbs:3.0f}% of measured read), {t.ms_per_step / floor_ms:.1f}x the floor")
+              f"({100 * gbs / read_gbs:3.0f}% of measured read), {t.ms_per_step / floor_ms:.1f}x the fp32 floor")
     if name == "base" and batch == 1:
         refs = ", ".join(f"{k} ~{v:.0f} ms" for k, v in REFERENCE_STEP_MS.items())
         verdict = "met" if ours.ms_per_step <= TARGET_BASE_STEP_MS else "not met"
@@ -260,16 +270,21 @@ def bench_model(name: str, rows: list[dict], batch: int, bandwidth: tuple[float,
     language = "en" if ours.multilingual else None
     eot = ours.tokenizer.eot
 
+    screen = ours.network.decoder.screened_head
+
     def run_all(clips: list[np.ndarray], runs: dict[str, Timings]) -> None:
-        # Interleaved per batch, so load from other users of the machine hits the three alike.
+        # Interleaved per batch, so load from other users of the machine hits all alike.
         run_ours(ours, clips, language, runs["ours"])
+        ours.network.decoder.screened_head = None
+        run_ours(ours, clips, language, runs["no screen"])
+        ours.network.decoder.screened_head = screen
         run_ours(plain, clips, language, runs["plain"])
         run_transformers(hf, feature_extractor, clips, language, eot, runs["transformers"])
 
     samples = [audio.load_audio(r["path"]) for r in rows]
     with torch.inference_mode():
-        run_all(samples[:batch], {k: Timings() for k in ("ours", "plain", "transformers")})  # warm-up
-        runs = {k: Timings() for k in ("ours", "plain", "transformers")}
+        run_all(samples[:batch], {k: Timings() for k in ("ours", "no screen", "plain", "transformers")})  # warm-up
+        runs = {k: Timings() for k in ("ours", "no screen", "plain", "transformers")}
         for start in range(0, len(samples), batch):
             run_all(samples[start:start + batch], runs)
     report(name, ours, runs, len(samples), batch, bandwidth)
