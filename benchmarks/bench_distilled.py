@@ -170,8 +170,9 @@ def weight_bytes(module) -> int:
 def napkin(model, draft, g: DecodeStats, s: DecodeStats) -> None:
     """Bytes per step, and the decoder speedup the measured acceptance and costs predict."""
     embedding_bytes = model.network.decoder.token_embedding.weight.numel() * BYTES_FP32
-    # Per step a decoder streams its blocks and its output projection.
-    main_bytes = weight_bytes(model.network.decoder.blocks) + embedding_bytes
+    # Per step a decoder streams its blocks and its output projection (in fp16 through the screen).
+    screened = model.network.decoder.screened_head is not None
+    main_bytes = weight_bytes(model.network.decoder.blocks) + embedding_bytes // (2 if screened else 1)
     head = draft.network.decoder.output_projection
     draft_bytes = weight_bytes(draft.network.decoder.blocks)
     if isinstance(head, ShortlistHead):
