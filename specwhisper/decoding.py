@@ -281,8 +281,8 @@ class RowProgress:
 
 def screened_rows(model: Whisper, hidden: Tensor, options: DecodingOptions
                   ) -> tuple[list[ScreenedRow], Tensor] | None:
-    """hidden (N, C) -> screened logits (N, V) of each row, or None where screening does not apply
-    (no screen installed, or sampling, which needs every probability)."""
+    """hidden (N, C) -> a ScreenedRow per row and the screened logits (N, V); None where screening
+    does not apply (no screen installed, or sampling, which needs every probability)."""
     head = model.decoder.screened_head
     if head is None or options.temperature > 0:
         return None

@@ -98,8 +98,9 @@ class ScreenedRow:
         return int(candidates[int(exact.argmax())])  # ties: the lowest id, as a full argmax
 
     def exact_row(self) -> Tensor:
-        """All logits exactly (fp32, through the decoder's own projection). For rare ambiguous cases."""
-        return (self.head.weight @ self.hidden).float()
+        """All V logits in fp32 from the full weight (106 MB for base): only for the rare steps whose
+        timestamp decision the screen cannot settle."""
+        return self.head.weight @ self.hidden
 
 
 def install_screen(decoder: nn.Module) -> None:
