@@ -10,7 +10,7 @@ The pieces, each usable alone:
   - `autoregressive_decode`: prefill, then one token per step (greedy, or sampled
     at temperature > 0) until end-of-text or the 448-token context.
   - `choose_token`: the argmax, or a sample at temperature > 0.
-  - `screened_rows` / `settle_logprobs`: greedy steps on the CPU choose from an fp16 screen of
+  - `step_logits` / `settle_logprobs`: greedy steps on the CPU choose from an fp16 screen of
     the output projection, exactly (specwhisper.screening); log-probabilities are computed
     exactly for the whole window at its end.
 """
@@ -279,15 +279,15 @@ class RowProgress:
                             draft_mask=self.from_draft if with_draft_mask else None)
 
 
-def screened_rows(model: Whisper, hidden: Tensor, options: DecodingOptions
-                  ) -> tuple[list[ScreenedRow], Tensor] | None:
-    """hidden (N, C) -> a ScreenedRow per row and the screened logits (N, V); None where screening
-    does not apply (no screen installed, or sampling, which needs every probability)."""
+def step_logits(model: Whisper, hidden: Tensor, options: DecodingOptions) -> tuple[Tensor, list[ScreenedRow] | None]:
+    """hidden (N, C) -> float logits (N, V) to choose the next tokens from, and a ScreenedRow per row
+    when they are screened (greedy with a screen installed); None when they are exact (no screen,
+    or sampling, which needs every probability)."""
     head = model.decoder.screened_head
     if head is None or options.temperature > 0:
-        return None
+        return model.decoder.logits(hidden).float(), None
     logits, bounds = head.screen(hidden)
-    return [ScreenedRow(head, h, b) for h, b in zip(hidden, bounds)], logits
+    return logits, [ScreenedRow(head, h, b) for h, b in zip(hidden, bounds)]
 
 
 def settle_logprobs(model: Whisper, rules: LogitRules, rows: list[RowProgress]) -> None:
@@ -341,11 +341,7 @@ def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioK
             break
         step_input = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
         hidden = model.decoder(step_input, audio_kv, cache)[:, -1]  # (B, C)
-        screened = screened_rows(model, hidden, options)
-        if screened is not None:
-            screens, logits = screened
-        else:
-            logits = model.decoder.logits(hidden).float()
+        logits, screens = step_logits(model, hidden, options)
         stats.main_passes += 1
         if any(p.finished for p in rows):  # finished rows were fed a filler: keep their length where it was
             cache.rollback([n - 1 if p.finished else n for n, p in zip(cache.lengths, rows)])

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import Whisper
-from .screening import install_screen, screen_available
+from .screening import ScreenedHead, screen_available
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -72,5 +72,5 @@ def prepack_linears(network: Whisper) -> Whisper:
     decoder = network.decoder
     decoder.output_projection = PackedLinear(decoder.token_embedding.weight, None)
     if screen_available():
-        install_screen(decoder)
+        decoder.screened_head = ScreenedHead(decoder.token_embedding.weight)
     return network

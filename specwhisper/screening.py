@@ -70,9 +70,8 @@ class ScreenedHead(nn.Module):
         return logits, self.bounds(rows)
 
     def bounds(self, rows: Tensor) -> list[float]:
-        l2 = rows.double().norm(dim=-1)
-        l1 = rows.double().abs().sum(dim=-1)
-        return (self.l2_factor * l2 + self.l1_factor * l1).tolist()
+        rows = rows.double()
+        return (self.l2_factor * rows.norm(dim=-1) + self.l1_factor * rows.abs().sum(dim=-1)).tolist()
 
     def exact(self, hidden_row: Tensor, token_ids: Tensor) -> Tensor:
         """Exact logits (float64) of `token_ids` for one hidden row (C,). float64 makes the
@@ -102,7 +101,3 @@ class ScreenedRow:
         timestamp decision the screen cannot settle."""
         return self.head.weight @ self.hidden
 
-
-def install_screen(decoder: nn.Module) -> None:
-    """Attach a ScreenedHead for the decoder's tied projection (CPU fp32 only)."""
-    decoder.screened_head = ScreenedHead(decoder.token_embedding.weight)

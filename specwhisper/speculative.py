@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, RowProgress, WindowResult, autoregressive_decode,
-                       choose_token, no_speech_probs, prefill, screened_rows, settle_logprobs, start_rows)
+                       choose_token, no_speech_probs, prefill, settle_logprobs, start_rows, step_logits)
 from .draft import draft_folder, draft_forward, find_draft, load_draft, uses_features
 from .errors import IncompatibleAssistantError
 from .kv_cache import AudioKV, KVCache
@@ -599,14 +599,12 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         starts = list(main_cache.lengths)
         verify_hidden = run_blocks(main, audio_kv, main_cache, blocks, filler=tokenizer.eot)  # (B, T, C)
         n_positions = verify_hidden.shape[1]
-        screened = screened_rows(main.network, verify_hidden.reshape(-1, verify_hidden.shape[-1]), options)
-        if screened is not None:  # greedy on the CPU: exact choices from an fp16 screen (specwhisper.screening)
-            flat_screens, flat_logits = screened
-            verify_logits = flat_logits.view(batch, n_positions, -1)  # (B*T, V) -> (B, T, V)
-            screens = [flat_screens[r * n_positions:(r + 1) * n_positions] for r in range(batch)]
-        else:
-            verify_logits = main.network.decoder.logits(verify_hidden).float()  # (B, T, V)
-            screens = [None] * batch
+        # Greedy on the CPU: exact choices from an fp16 screen (specwhisper.screening), as in greedy decoding.
+        flat_logits, flat_screens = step_logits(main.network, verify_hidden.reshape(-1, verify_hidden.shape[-1]),
+                                                options)
+        verify_logits = flat_logits.view(batch, n_positions, -1)  # (B*T, V) -> (B, T, V)
+        screens = [flat_screens[r * n_positions:(r + 1) * n_positions] if flat_screens else None
+                   for r in range(batch)]
         stats.main_passes += 1
 
         kept_lengths, n_drafted, n_accepted, n_tokens, n_rejections = [], 0, 0, 0, 0
