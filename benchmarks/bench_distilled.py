@@ -34,9 +34,9 @@ import torch
 from common import print_table, read_manifest
 from specwhisper import audio, load_model
 from specwhisper.decoding import DecodeStats
-from specwhisper.draft import Int8Linear, ShortlistHead, find_draft, load_draft
+from specwhisper.draft import Int8Linear, ShortlistHead, load_draft, uses_features
 from specwhisper.prepack import PackedLinear
-from specwhisper.speculative import make_assistant
+from specwhisper.speculative import make_assistant, resolve_auto_assistant
 from specwhisper.weights.resolve import cache_dir
 
 BYTES_FP32 = 4
@@ -85,11 +85,14 @@ def main() -> None:
     warnings.simplefilter("error")  # a silent fallback to greedy would make the table meaningless
 
     model = load_model(args.main, device="cpu", dtype="float32")
-    folder = find_draft(model) if args.draft == "auto" else Path(args.draft)
-    if folder is None:
-        raise SystemExit(f"no distilled draft found for {args.main}; pass --draft FOLDER")
-    draft = load_draft(model, folder)
-    assistant = make_assistant(model, draft)
+    if args.draft == "auto":
+        assistant = resolve_auto_assistant(model)
+        if assistant is None:
+            raise SystemExit(f"no distilled draft found for {args.main}; pass --draft FOLDER")
+    else:
+        assistant = make_assistant(model, load_draft(model, Path(args.draft)))
+    draft = assistant.model
+    folder = draft.folder
     rows = [r for r in read_manifest(args.folder) if args.files is None or r["file"] in args.files]
     samples = {r["file"]: audio.load_audio(r["path"]) for r in rows}
     audio_seconds = sum(len(s) for s in samples.values()) / audio.SAMPLE_RATE
@@ -99,7 +102,7 @@ def main() -> None:
           f"../shared/audio/{args.folder} | {torch.get_num_threads()} threads | load average {load_start[0]:.2f}")
 
     options = dict(language="en", temperature=0.0)
-    model.transcribe(next(iter(samples.values()))[:16000 * 5], **options)  # warm-up
+    model.transcribe(next(iter(samples.values()))[:audio.SAMPLE_RATE * 5], **options)  # warm-up
 
     results: dict[str, dict] = {"greedy": {}, "speculative": {}}
     seconds = {"greedy": 0.0, "speculative": 0.0}
@@ -173,14 +176,14 @@ def napkin(model, draft, g: DecodeStats, s: DecodeStats) -> None:
     # Per step a decoder streams its blocks and its output projection (in fp16 through the screen).
     screened = model.network.decoder.screened_head is not None
     main_bytes = weight_bytes(model.network.decoder.blocks) + embedding_bytes // (2 if screened else 1)
-    head = draft.network.decoder.output_projection
-    draft_bytes = weight_bytes(draft.network.decoder.blocks)
-    if isinstance(head, ShortlistHead):
-        draft_bytes += head.rows.numel() * (1 if isinstance(head.packed, Int8Linear) else BYTES_FP32)
-    if getattr(draft.network.decoder, "fuse", None) is not None:
-        draft_bytes += weight_bytes(draft.network.decoder.fuse)
-    elif head is None or head is model.network.decoder.output_projection:
+    decoder = draft.network.decoder
+    head = decoder.output_projection
+    # Blocks, the feature fusion (if any) and the head, each counted once.
+    draft_bytes = weight_bytes(decoder.blocks) + (weight_bytes(decoder.fuse) if uses_features(draft.network) else 0)
+    if head is None or head is model.network.decoder.output_projection:
         draft_bytes += embedding_bytes
+    elif isinstance(head, ShortlistHead) and head.packed is None:  # its rows are a buffer, not a linear
+        draft_bytes += head.rows.numel() * BYTES_FP32
     else:
         draft_bytes += weight_bytes(head)
     step = g.decode_seconds / max(g.main_passes, 1)
@@ -210,7 +213,7 @@ def run_faster_whisper(args, samples: dict) -> tuple[float | None, dict | None]:
     fw = WhisperModel(str(folder), device="cpu", compute_type="float32", cpu_threads=torch.get_num_threads())
     settings = dict(language="en", beam_size=1, best_of=1, temperature=0.0, condition_on_previous_text=True,
                     without_timestamps=False, vad_filter=False, word_timestamps=False)
-    list(fw.transcribe(next(iter(samples.values()))[:16000 * 5], **settings)[0])  # warm-up
+    list(fw.transcribe(next(iter(samples.values()))[:audio.SAMPLE_RATE * 5], **settings)[0])  # warm-up
     seconds, texts = 0.0, {}
     for _ in range(args.repeats):
         for name, samples_ in samples.items():
