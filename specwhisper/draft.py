@@ -175,7 +175,7 @@ class ShortlistHead(nn.Module):
         self.n_vocab = embedding.shape[0]
         self.register_buffer("ids", ids.to(embedding.device, torch.long))
         # Rebuilt from the main model at load, never saved: the file holds only the bias.
-        self.register_buffer("rows", embedding.detach()[self.ids].clone(), persistent=False)  # (K, C)
+        self.register_buffer("rows", embedding.detach()[self.ids], persistent=False)  # (K, C): indexing copies
         self.bias = nn.Parameter(torch.zeros(len(ids), dtype=embedding.dtype, device=embedding.device))
         self.packed: PackedLinear | None = None
 
@@ -454,8 +454,6 @@ def draft_forward(network: Whisper, tokens: Tensor, audio_kv: AudioKV, cache: KV
                   features: Tensor | None = None) -> Tensor:
     """`TextDecoder.forward` for a draft: tokens (B, T) at the cache's lengths, with the main model's
     hidden states of the previous positions (B, T, C) when the draft reads them. Returns (B, T, C)."""
-    if not uses_features(network):
-        return network.decoder(tokens, audio_kv, cache)
     x = draft_input(network, tokens, cache.positions(tokens.shape[1]), features)
     return network.decoder.forward_inputs(x, audio_kv, cache)
 
