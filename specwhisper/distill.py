@@ -59,6 +59,8 @@ from .draft import (DraftConfig, ShortlistHead, build_draft_network, decode_all_
                     shift_features, spread_layers, uses_features, wrap)
 from .errors import SpecWhisperError
 from .loading import SpeechModel, load_model
+from .longform import LongformOptions
+from .transcribe import first_window_mel
 from .weights.resolve import cache_dir
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac"}
@@ -67,7 +69,7 @@ MAX_WINDOW_SECONDS = 29.5  # concatenations stay inside one window, with room fo
 CONCAT_GAP_SECONDS = (0.2, 0.6)  # silence between concatenated clips
 TOP_K = 64  # teacher log-probabilities kept per position (see the module docstring for the size)
 MAX_NEW_TOKENS = 224  # per window: what `transcribe` allows (half the 448-token context)
-MAX_PROMPT_TOKENS = 223  # previous text in a prompt, as in long-form decoding
+MAX_PROMPT_TOKENS = LongformOptions.max_prompt_tokens  # previous text in a prompt, as in long-form decoding
 TEACHER_FORMAT = 2  # 2: previous text keeps its timestamp tokens
 
 
@@ -272,12 +274,6 @@ def teacher_dir(main: SpeechModel) -> Path:
     return cache_dir() / "distill" / "teacher" / f"{Path(str(main.name)).name}-{digest}"
 
 
-def window_mel(samples: np.ndarray, n_mels: int) -> Tensor:
-    """(1, n_mels, 3000): the first window, in `transcribe`'s feature convention."""
-    mel, content_frames = audio_io.log_mel_windows(samples, n_mels=n_mels)
-    return audio_io.mel_window(mel, content_frames, 0)[None]
-
-
 def teacher_pass(main: SpeechModel, specs: list[WindowSpec], folder: Path | None = None, top_k: int = TOP_K,
                  max_new_tokens: int = MAX_NEW_TOKENS, chains: list[str] | None = None, batch_size: int = 8,
                  progress: bool = True, label: str = "teacher") -> list[TeacherWindow]:
@@ -354,9 +350,9 @@ def _teach_batch(main: SpeechModel, specs: list[WindowSpec], previous: list[list
     """Decode windows of one timestamp mode together, then read the distribution at every position."""
     network, tokenizer = main.network, main.tokenizer
     samples = [render(spec) for spec in specs]
-    mels = torch.cat([window_mel(s, main.dims.n_mels) for s in samples]).to(main.device, main.dtype)
+    mels = torch.stack([first_window_mel(main, s) for s in samples]).to(main.device, main.dtype)  # (B, n_mels, 3000)
     options = DecodingOptions(timestamps=specs[0].timestamps, max_new_tokens=max_new_tokens)
-    rules = LogitRules(tokenizer, main.suppress_tokens, main.begin_suppress_tokens, options, main.dims.n_vocab)
+    rules = _rules_for(main, options.timestamps)
     with torch.inference_mode():
         features = network.encoder(mels)  # (B, S, C)
         audio_kv = network.decoder.audio_kv(features)
@@ -540,8 +536,8 @@ def own_feedback_input(hidden: Tensor, batch: Batch) -> Tensor:
 
 
 def batch_loss(network, batch: Batch, ce_weight: float, hidden_weight: float = 0.0, feedback_weight: float = 0.0
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, per-position KL, per-position draft argmax as full-vocabulary ids), with gradients.
+               ) -> Tensor:
+    """The training loss, with gradients.
 
     A feature draft is trained on the main model's hidden states (what its first drafted token sees)
     and, with feedback_weight, on a second pass fed its own (what later drafted tokens see)."""
@@ -550,12 +546,12 @@ def batch_loss(network, batch: Batch, ce_weight: float, hidden_weight: float = 0
     if uses_features(network) and context is None:
         raise ValueError("a feature draft needs the main model's hidden states (fill_hidden(..., context=True))")
     hidden = decode_all_positions(network, batch.tokens, audio_kv, context)  # (B, T, C)
-    loss, kl, argmax = _loss_terms(network, hidden[batch.rows, batch.positions], batch, ce_weight, hidden_weight)
+    loss, _ = _loss_terms(network, hidden[batch.rows, batch.positions], batch, ce_weight, hidden_weight)
     if context is not None and feedback_weight:
         fed_back = decode_all_positions(network, batch.tokens, audio_kv, own_feedback_input(hidden, batch))
-        loss2, _, _ = _loss_terms(network, fed_back[batch.rows, batch.positions], batch, ce_weight, hidden_weight)
+        loss2, _ = _loss_terms(network, fed_back[batch.rows, batch.positions], batch, ce_weight, hidden_weight)
         loss = (loss + feedback_weight * loss2) / (1 + feedback_weight)
-    return loss, kl, argmax
+    return loss
 
 
 def _rules_for(main: SpeechModel, timestamps: bool) -> LogitRules:
@@ -594,7 +590,7 @@ def validate(main: SpeechModel, network, windows: list[TeacherWindow], batch_siz
         batch = make_batch(chunk, main.tokenizer.eot, main.device, main.dtype)
         audio_kv = network.decoder.audio_kv(batch.features)
         hidden = decode_all_positions(network, batch.tokens, audio_kv, batch.context_in if features else None)
-        _, kl, _ = _loss_terms(network, hidden[batch.rows, batch.positions], batch, ce_weight=0.0)
+        _, kl = _loss_terms(network, hidden[batch.rows, batch.positions], batch, ce_weight=0.0)
         kl_sum += float(kl.sum())
         n += len(kl)
         fed_back = None
@@ -620,7 +616,7 @@ def validate(main: SpeechModel, network, windows: list[TeacherWindow], batch_siz
 
 
 def _loss_terms(network, target_hidden: Tensor, batch: Batch, ce_weight: float, hidden_weight: float = 0.0
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor]:
     """KL(teacher top-k || draft) per position, plus ce_weight x cross-entropy on the greedy token,
     plus hidden_weight x the squared distance between the draft's and the main model's final hidden
     states relative to the latter's norm (a 512-number target per token instead of one distribution).
@@ -644,8 +640,7 @@ def _loss_terms(network, target_hidden: Tensor, batch: Batch, ce_weight: float, 
     if hidden_weight and batch.hidden is not None:
         distance = (target_hidden.float() - batch.hidden).square().sum(-1) / batch.hidden.square().sum(-1)
         loss = loss + hidden_weight * distance.mean()
-    argmax = logq.argmax(-1)
-    return loss, kl.detach(), (short_ids[argmax] if short_ids is not None else argmax).detach()
+    return loss, kl.detach()
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -700,7 +695,7 @@ def train(main: SpeechModel, network, train_windows: list[TeacherWindow], val_wi
         for i in range(0, len(order), options.batch_size):
             batch = make_batch([train_windows[j] for j in order[i:i + options.batch_size]], main.tokenizer.eot,
                                main.device, main.dtype)
-            loss, _, _ = batch_loss(network, batch, options.ce_weight, options.hidden_weight, options.feedback_weight)
+            loss = batch_loss(network, batch, options.ce_weight, options.hidden_weight, options.feedback_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
