@@ -265,7 +265,7 @@ def _draft_shell(main: SpeechModel, n_layer: int) -> Whisper:
     return network
 
 
-def add_feature_fusion(network: Whisper) -> nn.Linear:
+def add_feature_fusion(network: Whisper, init: bool = True) -> nn.Linear:
     """decoder.fuse: (…, 2C) [token embedding + position ; normalised main hidden] -> (…, C),
     initialised to pass the embedding through and ignore the feature (so training starts from the
     plain draft).
@@ -280,11 +280,11 @@ def add_feature_fusion(network: Whisper) -> nn.Linear:
     fuse = nn.Linear(2 * width, width).to(param.device, param.dtype)
     norm = nn.LayerNorm(width).to(param.device, param.dtype)
     embedding = network.decoder.token_embedding.weight
-    with torch.no_grad():
-        fuse.weight.zero_()
-        fuse.weight[:, :width].copy_(torch.eye(width))
-        fuse.bias.zero_()
-        if embedding.device.type != "meta":
+    if init:  # (a draft being loaded gets these from its file)
+        with torch.no_grad():
+            fuse.weight.zero_()
+            fuse.weight[:, :width].copy_(torch.eye(width))
+            fuse.bias.zero_()
             norm.weight.fill_(float(embedding.detach().float().pow(2).mean().sqrt()))
     network.decoder.fuse = fuse
     network.decoder.fuse_norm = norm
@@ -628,7 +628,7 @@ def _empty_draft_network(main: SpeechModel, config: DraftConfig) -> Whisper:
     """A draft network of the config's shape around `main`, its own tensors not yet filled in."""
     network = _draft_shell(main, config.n_layer)
     if config.features:
-        add_feature_fusion(network)
+        add_feature_fusion(network, init=False)
     decoder = network.decoder
     embedding = decoder.token_embedding.weight
     if config.head == "shortlist":
