@@ -291,11 +291,11 @@ def teacher_pass(main: SpeechModel, specs: list[WindowSpec], folder: Path | None
     bar = _progress(len(specs), label, progress)
     bar.update(sum(w is not None for w in windows))
 
-    def predecessor(i: int) -> int | None:
-        return next((j for j in range(i - 1, -1, -1) if chains[j] == chains[i]), None)
+    # The nearest earlier window of the same chain, per window (fixed, so found once).
+    predecessor = [next((j for j in range(i - 1, -1, -1) if chains[j] == chains[i]), None) for i in range(len(specs))]
 
     def previous_text(i: int) -> list[int]:
-        j = predecessor(i)
+        j = predecessor[i]
         if not specs[i].previous_text or j is None:
             return []
         # Text and timestamps, as long-form decoding keeps them in its history.
@@ -305,11 +305,11 @@ def teacher_pass(main: SpeechModel, specs: list[WindowSpec], folder: Path | None
         # The next batch: pending windows of one decoding mode whose prompt text is already known.
         batch: list[int] = []
         for i, window in enumerate(windows):
-            if window is not None or len(batch) == batch_size:
+            if len(batch) == batch_size:
+                break
+            if window is not None or (batch and specs[i].timestamps != specs[batch[0]].timestamps):
                 continue
-            if batch and specs[i].timestamps != specs[batch[0]].timestamps:
-                continue
-            j = predecessor(i)
+            j = predecessor[i]
             if specs[i].previous_text and j is not None and windows[j] is None:
                 continue
             batch.append(i)
