@@ -146,10 +146,13 @@ def main() -> None:
     print(f"decoder only (prompt + steps, no encoder/log-mel): greedy {decode['greedy']:.1f} s, speculative "
           f"{decode['speculative']:.1f} s: {decode['greedy'] / max(decode['speculative'], 1e-9):.2f}x; "
           f"encoder {g.encoder_seconds:.1f} s / {s.encoder_seconds:.1f} s")
-    print(f"accepted per round (drafts accepted: rounds): {s.acceptance_histogram()}")
+    print(f"accepted per round (drafts accepted: rounds): {s.acceptance_histogram()}; per-position acceptance "
+          f"α {s.position_acceptance:.2f}")
     print(f"tokens: greedy {g.generated_tokens}, speculative {s.generated_tokens}; main passes "
           f"{g.main_passes} -> {s.main_passes}")
     napkin(model, draft, g, s)
+    if s.main_passes:
+        feasibility(model, next(iter(samples.values())), seconds, g, s, fw_seconds)
     load_end = os.getloadavg()
     print(f"load average: {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
           f"({os.cpu_count()} CPUs; other processes share them)")
@@ -198,6 +201,109 @@ def napkin(model, draft, g: DecodeStats, s: DecodeStats) -> None:
         print(f"predicted decoder speedup from these: {s.tokens_per_main_pass:.2f} tokens per pass x "
               f"{1e3 * step:.1f} ms / ({1e3 * verify:.1f} ms verify + {s.drafted / s.main_passes:.1f} drafts x "
               f"{1e3 * draft_token:.1f} ms) = {predicted:.2f}x")
+
+
+def verify_costs(model, samples, max_positions: int = 8, repeats: int = 12) -> tuple[float, float]:
+    """(fixed, per extra position) seconds of a main-model verify pass on a real window: the decoder
+    over T positions plus the logits verification reads, fitted by least squares over T = 1..max,
+    with the sizes interleaved so that background load hits each alike."""
+    from specwhisper.decoding import DecodingOptions, prefill, step_logits
+    from specwhisper.speculative import run_blocks
+    from specwhisper.transcribe import encode_audio, first_window_mel
+
+    network, tokenizer = model.network, model.tokenizer
+    audio_kv, _ = encode_audio(model, first_window_mel(model, samples)[None])
+    cache = network.new_cache(1)
+    prompt = tokenizer.sot_sequence("en", "transcribe", timestamps=True)
+    prefill(network, audio_kv, [prompt], cache)
+    text = tokenizer.encode(" the history of the art of printing")  # any tokens: only the cost is read
+    block = (text * max_positions)[:max_positions]
+    options = DecodingOptions(temperature=0.0)
+    sizes, times = [], []
+    for _ in range(repeats):
+        for n in range(1, max_positions + 1):
+            started = time.perf_counter()
+            hidden = run_blocks(model, audio_kv, cache, [block[:n]], filler=tokenizer.eot)
+            step_logits(network, hidden.reshape(-1, hidden.shape[-1]), options)
+            times.append(time.perf_counter() - started)
+            sizes.append(n - 1)
+            cache.rollback([len(prompt)])
+    x, y = torch.tensor(sizes, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return float(y.mean()) - slope * float(x.mean()), slope
+
+
+def best_rate(alpha: float, draft: float, fixed: float, per_position: float, max_gamma: int = 64) -> tuple[float, int]:
+    """Max over γ of expected tokens per second of a round, E[tokens] / (γ·draft + fixed + γ·per_position),
+    with E[tokens] = (1 - α^(γ+1)) / (1 - α) (γ+1 at α = 1). Returns (tokens per second, γ)."""
+    def expected(g: int) -> float:
+        return g + 1.0 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
+    return max((expected(g) / (g * draft + fixed + g * per_position), g) for g in range(max_gamma + 1))
+
+
+def requirements(target: float, share: float, step: float, alpha: float, draft: float, fixed: float,
+                 per_position: float) -> str:
+    """For an overall speedup `target`: the per-position acceptance the measured draft cost would need,
+    and the draft cost the measured acceptance would need (bisection: both are monotone)."""
+    if target * share >= 1:
+        return ""
+    decoder = (1 - share) / (1 / target - share)
+
+    def reaches(a: float, d: float) -> bool:
+        return best_rate(a, d, fixed, per_position)[0] * step >= decoder
+
+    def boundary(ok, bad: float, good: float) -> float:
+        """Where `ok` turns true between `bad` (false) and `good` (true)."""
+        for _ in range(50):
+            middle = (bad + good) / 2
+            bad, good = (bad, middle) if ok(middle) else (middle, good)
+        return good
+
+    parts = [f"α ≥ {boundary(lambda a: reaches(a, draft), 0.0, 1.0):.2f} at this draft cost"
+             if reaches(1.0, draft) else "more than α = 1 gives at this draft cost",
+             f"a draft token ≤ {1e3 * boundary(lambda d: reaches(alpha, d), 1.0, 0.0):.2f} ms at this α"
+             if reaches(alpha, 0.0) else "more than a free draft gives at this α"]
+    return ": " + "; ".join(parts)
+
+
+def feasibility(model, samples, seconds: dict, g: DecodeStats, s: DecodeStats, fw_seconds: float | None) -> None:
+    """What decoder speedup the issue's targets need, and what the measured costs allow.
+
+    The encoder and log-mel run once per window in both methods, so only the decoder can gain:
+    overall = 1 / (e + (1 - e) / decoder speedup), with e the encoder's share of greedy's wall time.
+    The cost model is the controller's: a round of γ drafts costs γ·draft + verify(γ+1 positions)
+    and yields E[tokens] = (1 - α^(γ+1)) / (1 - α), α the per-position acceptance.
+    """
+    fixed, per_position = verify_costs(model, samples)
+    step = g.decode_seconds / max(g.main_passes, 1)  # a greedy step, as the loop measured it
+    draft = s.draft_seconds / max(s.drafted, 1)  # a drafted token, its share of the sync pass included
+    alpha = s.position_acceptance
+    share = 1 - g.decode_seconds / seconds["greedy"]  # encoder, log-mel, prompts, seek bookkeeping
+
+    def needed(overall: float) -> str:
+        if overall * share >= 1:
+            return "impossible (the part no draft touches alone takes longer)"
+        return f"{(1 - share) / (1 / overall - share):.2f}x"
+
+    def overall(decoder_speedup: float) -> float:
+        return 1 / (share + (1 - share) / decoder_speedup)
+
+    print(f"feasibility: {100 * share:.0f}% of greedy's wall time is outside the decoder steps; measured greedy "
+          f"step {1e3 * step:.2f} ms, verify pass {1e3 * fixed:.2f} ms + {1e3 * per_position:.2f} ms per extra "
+          f"position, draft {1e3 * draft:.2f} ms per token, α {alpha:.2f} per position "
+          f"({s.accepted} accepted, {s.rejections} rejections)")
+    targets = [("2.0x own greedy", 2.0)]
+    if fw_seconds is not None:
+        targets.append(("1.5x faster than faster-whisper", 1.5 * seconds["greedy"] / fw_seconds))
+    for label, target in targets:
+        print(f"  {label} = {target:.2f}x over greedy overall: needs the decoder steps {needed(target)} faster"
+              + requirements(target, share, step, alpha, draft, fixed, per_position))
+    cases = [("perfect drafts (α = 1) at this draft cost", 1.0, draft),
+             ("free drafts (zero cost) at this α", alpha, 0.0),
+             ("this draft (α and cost as measured)", alpha, draft)]
+    for label, a, d in cases:
+        rate, gamma = best_rate(a, d, fixed, per_position)
+        print(f"  ceiling with {label}: decoder {rate * step:.2f}x (γ = {gamma}), overall {overall(rate * step):.2f}x")
 
 
 def run_faster_whisper(args, samples: dict) -> tuple[float | None, dict | None]:

@@ -50,6 +50,7 @@ class DecodeStats:
     main_passes: int = 0  # decoder forward passes of the main model after the prompt
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # speculative: rounds in which the main model rejected a draft
     encoder_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -60,6 +61,13 @@ class DecodeStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def position_acceptance(self) -> float:
+        """α, the chance that a drafted position passes once every one before it did: positions after a
+        rejection were never tried, so accepted / drafted would understate it."""
+        judged = self.accepted + self.rejections
+        return self.accepted / judged if judged else 0.0
 
     @property
     def tokens_per_main_pass(self) -> float:
@@ -80,6 +88,7 @@ class DecodeStats:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "accepted_per_round"}
         out["acceptance_histogram"] = self.acceptance_histogram()
         out["acceptance_rate"] = self.acceptance_rate
+        out["position_acceptance"] = self.position_acceptance
         out["tokens_per_main_pass"] = self.tokens_per_main_pass
         return out
 

@@ -223,28 +223,30 @@ class LowRankHead(nn.Module):
 
 # ----------------------------------------------------------------------------- the draft network
 
-def _plain_block_state(main: SpeechModel, layer: int) -> dict[str, Tensor]:
-    """The main model's decoder block `layer` as plain fp32 CPU tensors (read from its folder if prepacked)."""
-    block = main.network.decoder.blocks[layer]
-    if not any(isinstance(m, PackedLinear) for m in block.modules()):
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in block.state_dict().items()}
+def _plain_block_states(main: SpeechModel, layers: tuple[int, ...]) -> list[dict[str, Tensor]]:
+    """The main model's decoder blocks `layers` as plain fp32 CPU tensors, one dict per layer (read
+    from its folder, in one pass over the files, when the loaded blocks are prepacked)."""
+    blocks = main.network.decoder.blocks
+    if not any(isinstance(m, PackedLinear) for layer in layers for m in blocks[layer].modules()):
+        return [{k: v.detach().to("cpu", torch.float32).clone() for k, v in blocks[layer].state_dict().items()}
+                for layer in layers]
     from safetensors import safe_open
 
-    prefix = f"decoder.blocks.{layer}."
-    state = {}
+    prefixes = {f"decoder.blocks.{layer}.": {} for layer in layers}
     for path in safetensors_files(main.folder):
         with safe_open(str(path), framework="pt") as f:
             for hf_name in f.keys():
                 name = rename_hf_key(hf_name)
-                if name.startswith(prefix):
-                    state[name[len(prefix):]] = f.get_tensor(hf_name).float()
-    return state
+                for prefix, state in prefixes.items():
+                    if name.startswith(prefix):
+                        state[name[len(prefix):]] = f.get_tensor(hf_name).float()
+    return [prefixes[f"decoder.blocks.{layer}."] for layer in layers]
 
 
 def init_state(main: SpeechModel, config: DraftConfig) -> dict[str, Tensor]:
     """What the draft's own blocks and LayerNorm started from (own_state_dict names, fp32 CPU)."""
-    state = {f"blocks.{i}.{k}": v for i, layer in enumerate(config.init_layers)
-             for k, v in _plain_block_state(main, layer).items()}
+    state = {f"blocks.{i}.{k}": v for i, block in enumerate(_plain_block_states(main, config.init_layers))
+             for k, v in block.items()}
     state.update({f"ln.{k}": v.detach().to("cpu", torch.float32) for k, v in main.network.decoder.ln.state_dict().items()})
     return state
 
@@ -308,8 +310,8 @@ def build_draft_network(main: SpeechModel, init_layers: tuple[int, ...], head: s
         add_feature_fusion(network)
     decoder = network.decoder
     with torch.no_grad():
-        for block, layer in zip(decoder.blocks, init_layers):
-            block.load_state_dict({k: v.to(main.device, main.dtype) for k, v in _plain_block_state(main, layer).items()})
+        for block, state in zip(decoder.blocks, _plain_block_states(main, init_layers)):
+            block.load_state_dict({k: v.to(main.device, main.dtype) for k, v in state.items()})
         decoder.ln.load_state_dict(main.network.decoder.ln.state_dict())
     embedding = decoder.token_embedding.weight
     if head == "shortlist":

@@ -629,6 +629,7 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         verify_seconds = time.perf_counter() - started
         stats.drafted += n_drafted
         stats.accepted += n_accepted
+        stats.rejections += n_rejections
         stats.draft_seconds += draft_seconds
         stats.verify_seconds += verify_seconds
         controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens,
