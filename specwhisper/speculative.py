@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -109,6 +109,11 @@ class DraftLengthController:
     # Near its optimum the rate is flat in γ (and measured with noise): take the longest γ within
     # this fraction of the best, since a longer draft also gains more when acceptance runs high.
     flat_optimum: float = 0.97
+    # A round timed at more than this multiple of the current estimate counts as this multiple: on a
+    # shared 2-core machine one descheduled round can take 10x its usual time, and at full weight it
+    # switched drafting off for the next `probe_every` tokens. A real change of speed still comes
+    # through, at most this factor per round.
+    outlier_ratio: float = 2.0
     # Weighted sums for the verify-cost fit: (1, x, x², seconds, x·seconds), x = positions - 1.
     _fit_sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)
 
@@ -143,8 +148,11 @@ class DraftLengthController:
         # and a single rejection at 0.25 swung α from 0.7 to 0.5 and γ from 3 to 1 on real audio.
         self.acceptance += self.acceptance_smoothing * (rate - self.acceptance)
         step = draft_seconds / drafted
-        self.draft_step_seconds = step if self.draft_step_seconds is None else \
-            self.draft_step_seconds + self.smoothing * (step - self.draft_step_seconds)
+        if self.draft_step_seconds is None:
+            self.draft_step_seconds = step
+        else:
+            step = min(step, self.outlier_ratio * self.draft_step_seconds)
+            self.draft_step_seconds += self.smoothing * (step - self.draft_step_seconds)
         self._note_verify(verify_seconds, n_positions)
         self.gamma = self.best_gamma()
 
@@ -156,6 +164,8 @@ class DraftLengthController:
         w = self.smoothing
         x = n_positions - 1
         sums = self._fit_sums
+        if self.verify_base_seconds is not None:
+            seconds = min(seconds, self.outlier_ratio * (self.verify_base_seconds + self.verify_per_token_seconds * x))
         for i, value in enumerate((1.0, x, x * x, seconds, x * seconds)):
             sums[i] = (1 - w) * sums[i] + w * value
         n, sx, sxx, sy, sxy = sums
@@ -226,6 +236,14 @@ class Assistant:
     model: SpeechModel
     kind: str  # "same-vocabulary", "shared-encoder" or "cross-tokenizer"
     controller_template: DraftLengthController = field(default_factory=DraftLengthController)
+    # The adaptive controller's estimates at the end of the last window decoded, carried into the
+    # next: costs and acceptance change little from one window to the next, and a controller that
+    # starts from its prior every window spends its first rounds at a guessed γ (4, with α = 0.7)
+    # and learns its costs from one or two noisy rounds (~50 rounds a window on the long recordings).
+    learned_controller: DraftLengthController | None = field(default=None, repr=False)
+    # Feature drafts: re-feed accepted drafts with the main model's hidden states (EAGLE's way), or
+    # keep the cache entries the draft computed from its own while drafting them (a shorter sync pass).
+    refeed_accepted: bool = True
 
     @property
     def shares_encoder(self) -> bool:
@@ -237,8 +255,16 @@ class Assistant:
 
     def new_controller(self) -> DraftLengthController:
         t = self.controller_template
+        learned = self.learned_controller
+        if t.adaptive and learned is not None:
+            return replace(learned, _fit_sums=list(learned._fit_sums), tokens_since_off=0)
         return DraftLengthController(gamma=t.gamma, adaptive=t.adaptive, max_gamma=t.max_gamma,
                                      probe_every=t.probe_every)
+
+    def remember(self, controller: DraftLengthController) -> None:
+        """Keep an adaptive controller's estimates for the next window (`new_controller`)."""
+        if controller.adaptive:
+            self.learned_controller = controller
 
     @property
     def reads_features(self) -> bool:
@@ -548,7 +574,7 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         state.main_features = prompt_hidden.new_zeros(batch, main.network.dims.n_text_ctx, prompt_hidden.shape[-1])
         for row, prompt in enumerate(prompts):
             state.main_features[row, :len(prompt)] = prompt_hidden[row, :len(prompt)]
-        state.exact = [0] * batch
+        state.exact = [0] * batch if assistant.refeed_accepted else None
     stats.prefill_seconds += time.perf_counter() - started
 
     rows = start_rows(main.network, tokenizer, prompts, options)
@@ -635,6 +661,7 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens,
                           rejections=n_rejections)
 
+    assistant.remember(controller)
     started = time.perf_counter()
     settle_logprobs(main.network, rules, rows)
     stats.verify_seconds += time.perf_counter() - started

@@ -107,6 +107,38 @@ def test_adaptive_draft_length_learns_what_each_verified_position_costs():
     assert steep.best_gamma() < flat.best_gamma()
 
 
+def test_one_slow_round_does_not_switch_drafting_off():
+    """A round descheduled by another process (20x its usual time) moves the estimates by a bounded
+    amount, so a draft that pays keeps drafting; a lasting slowdown still switches it off."""
+    controller = DraftLengthController(gamma=3)
+    for _ in range(20):
+        controller.update(drafted=3, accepted=2, draft_seconds=0.006, verify_seconds=0.012, n_positions=4, tokens=3)
+    assert controller.next_gamma() >= 2
+    controller.update(drafted=3, accepted=2, draft_seconds=0.12, verify_seconds=0.24, n_positions=4, tokens=3)
+    assert controller.next_gamma() >= 1
+    assert controller.draft_step_seconds < 0.0026 and controller.verify_base_seconds < 0.016
+    for _ in range(30):  # drafts now really cost 10 ms each: no longer worth it
+        controller.update(drafted=controller.gamma or 1, accepted=0, draft_seconds=0.04, verify_seconds=0.012,
+                          n_positions=2, tokens=1)
+    assert controller.next_gamma() == 0
+
+
+def test_the_controller_carries_its_estimates_to_the_next_window(random_main):
+    assistant = make_assistant(random_main, random_main)
+    first = assistant.new_controller()
+    for _ in range(10):
+        first.update(drafted=2, accepted=0, draft_seconds=0.01, verify_seconds=0.01, n_positions=3, tokens=1)
+    assistant.remember(first)
+    second = assistant.new_controller()
+    assert second is not first and second.gamma == first.gamma == 0
+    assert second.draft_step_seconds == first.draft_step_seconds and second.acceptance == first.acceptance
+    second.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.5, n_positions=1, tokens=1)
+    assert first._fit_sums != second._fit_sums  # a copy: the next window's rounds do not rewrite the last's
+    constant = make_assistant(random_main, random_main, draft_length=3)
+    constant.remember(constant.new_controller())
+    assert constant.learned_controller is None and constant.new_controller().gamma == 3
+
+
 def test_constant_draft_length_stays_put():
     controller = DraftLengthController(gamma=3, adaptive=False)
     controller.update(drafted=3, accepted=0, draft_seconds=1.0, verify_seconds=0.01, n_positions=4, tokens=1)
