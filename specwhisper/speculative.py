@@ -414,8 +414,9 @@ def sync_assistant(assistant: Assistant, state: AssistantState, audio_kv: AudioK
 
     Rows whose target is None are inactive: fed nothing, logits ignored. The cache is rolled back
     to the longest common prefix of what it holds and the target; at least the last target token is
-    re-fed so its logits are fresh. A feature draft also re-feeds the slots it computed from its own
-    hidden states while drafting, now with the main model's (as EAGLE does).
+    re-fed so its logits are fresh. A feature draft with `Assistant.refeed_accepted` also re-feeds
+    the slots it computed from its own hidden states while drafting, now with the main model's (as
+    EAGLE does); by default it keeps them.
     """
     blocks, starts = [], []
     keep_lengths = list(state.cache.lengths)
