@@ -132,11 +132,17 @@ class DraftLengthController:
         return self.gamma
 
     def update(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float, n_positions: int,
-               tokens: int, rejections: int | None = None) -> None:
+               tokens: int, rejections: int | None = None, catch_up_seconds: float = 0.0) -> None:
         """One round's outcome. rejections: the rows whose drafts were cut by a rejected token (default:
-        every row that drafted something and lost some of it, counted as one)."""
+        every row that drafted something and lost some of it, counted as one). catch_up_seconds: the
+        part of draft_seconds spent feeding the assistant the tokens decided in rounds without drafts."""
         if not self.adaptive:
             return
+        if catch_up_seconds > 0 and self.draft_step_seconds is not None:
+            # A one-off cost (~probe_every tokens fed at once). Charged to the probe's one draft, it
+            # read as a 10-20 ms draft step and kept drafting off window after window: count a usual
+            # sync (about a draft step) in its place.
+            draft_seconds += min(self.draft_step_seconds, catch_up_seconds) - catch_up_seconds
         if drafted == 0:
             self.tokens_since_off += tokens
             self._note_verify(verify_seconds, n_positions)
@@ -622,7 +628,7 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
             if any(drafting):
                 sync_started = time.perf_counter()
                 a_logits, a_hidden = sync_assistant(assistant, state, a_audio_kv, targets)
-                if not synced_last_round:
+                if not synced_last_round:  # rounds without drafts came before: this sync catches up on them
                     catch_up_seconds = time.perf_counter() - sync_started
                 a_drafts, a_dists = draft(assistant, state, a_audio_kv, a_logits, a_rules, drafting, gamma,
                                           options.temperature, generator, last_hidden=a_hidden)
@@ -632,13 +638,6 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
                     draft_dists = a_dists
         draft_seconds = time.perf_counter() - started
         synced_last_round = gamma > 0 and any(drafting)
-        # After rounds without drafts the sync feeds every token decided meanwhile (~probe_every of
-        # them): a one-off cost. Charged to the probe's one draft, it read as a 10-20 ms draft step
-        # and kept drafting off window after window; the controller sees a usual sync instead.
-        controller_draft_seconds = draft_seconds
-        if catch_up_seconds > 0:
-            usual_sync = controller.draft_step_seconds if controller.draft_step_seconds is not None else catch_up_seconds
-            controller_draft_seconds = draft_seconds - catch_up_seconds + min(usual_sync, catch_up_seconds)
 
         # Verify: each active row's last decided token and its drafts, in one main-model pass.
         started = time.perf_counter()
@@ -684,8 +683,8 @@ def speculative_decode(main: SpeechModel, assistant: Assistant, mel: Tensor, aud
         stats.rejections += n_rejections
         stats.draft_seconds += draft_seconds
         stats.verify_seconds += verify_seconds
-        controller.update(n_drafted, n_accepted, controller_draft_seconds, verify_seconds, max(len(b) for b in blocks),
-                          n_tokens, rejections=n_rejections)
+        controller.update(n_drafted, n_accepted, draft_seconds, verify_seconds, max(len(b) for b in blocks), n_tokens,
+                          rejections=n_rejections, catch_up_seconds=catch_up_seconds)
 
     assistant.remember(controller)
     started = time.perf_counter()

@@ -143,6 +143,24 @@ def test_one_slow_round_does_not_switch_drafting_off():
     assert controller.next_gamma() == 0
 
 
+def test_the_catch_up_sync_after_rounds_without_drafts_is_not_charged_to_the_probe():
+    """The probe after an off period feeds the assistant every token decided meanwhile: that one-off
+    cost must count as a usual sync, not as the cost of the probe's one draft."""
+    def probed(catch_up_seconds: float) -> DraftLengthController:
+        controller = DraftLengthController(gamma=2)
+        for _ in range(20):  # drafts cost 3 ms a token, a third pass 12 ms, α 0.5
+            controller.update(drafted=2, accepted=1, draft_seconds=0.006, verify_seconds=0.012, n_positions=3,
+                              tokens=2)
+        for _ in range(5):  # five probes, each one draft: a 20 ms catch-up sync and 0.5 ms of drafting
+            controller.update(drafted=1, accepted=1, draft_seconds=0.020 + 0.0005, verify_seconds=0.012,
+                              n_positions=2, tokens=2, catch_up_seconds=catch_up_seconds)
+        return controller
+    told, untold = probed(0.020), probed(0.0)
+    assert told.draft_step_seconds < 0.004  # the catch-up counted as a usual sync (~3 ms) plus 0.5 ms
+    assert untold.draft_step_seconds > 2 * told.draft_step_seconds  # charged in full, it keeps climbing
+    assert told.next_gamma() >= 1
+
+
 def test_the_controller_carries_its_estimates_to_the_next_window(random_main):
     assistant = make_assistant(random_main, random_main)
     first = assistant.new_controller()
