@@ -70,13 +70,12 @@ def seconds_of(path: Path) -> float:
 
 def synthesize(text: str, path: Path, rng: random.Random, engines: list[str]) -> str:
     """Read `text` into the WAV file `path` with a voice drawn at random; returns how it was made."""
-    draw, voice = rng.random(), None
-    if "festival" in engines:
-        for name, share in FESTIVAL_VOICES.items():
-            if draw < share or "espeak" not in engines:
-                voice = name
-                break
-            draw -= share
+    voices = list(FESTIVAL_VOICES) if "festival" in engines else []
+    weights = [FESTIVAL_VOICES[v] for v in voices]
+    if "espeak" in engines:
+        voices.append(None)
+        weights.append(1.0 - sum(weights))
+    voice = rng.choices(voices, weights)[0]  # one draw of the generator, whatever the engines
     if voice is not None:
         stretch = rng.uniform(0.9, 1.15)  # > 1 speaks slower
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:
@@ -120,10 +119,11 @@ def main() -> int:
             cursor += 1
         if not text:
             break
+        passage = " ".join(text)
         path = out / f"tts_{n:03d}.wav"
-        source = synthesize(" ".join(text), path, rng, args.engines)
+        source = synthesize(passage, path, rng, args.engines)
         rows.append({"file": path.name, "seconds": f"{seconds_of(path):.2f}", "language": "en",
-                     "reference": " ".join(text), "source": f"{source}; text from {TEXT_PACKAGE}",
+                     "reference": passage, "source": f"{source}; text from {TEXT_PACKAGE}",
                      "license": "MIT (text generator); synthetic audio"})
         print(f"{path.name}: {source}, {float(rows[-1]['seconds']):.0f} s", file=sys.stderr)
     with open(out / "manifest.tsv", "w", encoding="utf-8", newline="") as f:
