@@ -148,7 +148,7 @@ def test_the_catch_up_sync_after_rounds_without_drafts_is_not_charged_to_the_pro
     cost must count as a usual sync, not as the cost of the probe's one draft."""
     def probed(catch_up_seconds: float) -> DraftLengthController:
         controller = DraftLengthController(gamma=2)
-        for _ in range(20):  # drafts cost 3 ms a token, a third pass 12 ms, α 0.5
+        for _ in range(20):  # drafts cost 3 ms a token, a 3-position pass 12 ms, α 0.5
             controller.update(drafted=2, accepted=1, draft_seconds=0.006, verify_seconds=0.012, n_positions=3,
                               tokens=2)
         for _ in range(5):  # five probes, each one draft: a 20 ms catch-up sync and 0.5 ms of drafting
