@@ -25,6 +25,8 @@ Steps, each a function usable alone:
      Validation after each epoch reports the KL and the argmax agreement with the teacher
      (with the logit rules applied to the draft too: the expected acceptance rate per drafted
      token); early stopping on agreement; a checkpoint per epoch (`--resume` continues).
+     With `init` (`--init DRAFT`) training starts from a saved draft instead of the main model's
+     layers: to adapt a draft to new audio (a domain, more data) without starting over.
   4. `evaluate_agreement`: the same agreement on recordings never trained on (e.g.
      ../shared/audio/long cut into consecutive 30-s windows, each prompted with the previous
      window's transcript as long-form decoding does).
@@ -54,9 +56,10 @@ from torch import Tensor
 
 from . import audio as audio_io
 from .decoding import DecodingOptions, LogitRules, autoregressive_decode, build_prompts, resolve_languages
-from .draft import (DraftConfig, ShortlistHead, build_draft_network, decode_all_positions, fingerprint,
-                    head_log_probs, load_own_state, new_config, own_parameters, own_state_dict, save_draft,
-                    shift_features, spread_layers, uses_features, wrap)
+from .draft import (DraftConfig, ShortlistHead, build_draft_network, check_main, decode_all_positions, draft_folder,
+                    fingerprint,
+                    head_log_probs, load_draft, load_own_state, new_config, own_parameters, own_state_dict,
+                    read_config, save_draft, shift_features, spread_layers, uses_features, with_shortlist, wrap)
 from .errors import SpecWhisperError
 from .loading import SpeechModel, load_model
 from .longform import LongformOptions
@@ -783,6 +786,9 @@ class DistillOptions:
     max_new_tokens: int = MAX_NEW_TOKENS  # per window, in the teacher pass
     storage_dtype: str = "float32"
     features: bool = False  # the draft reads the main model's hidden states (specwhisper.draft)
+    # A saved draft to start from instead of the main model's layers; its layers, head and features
+    # are kept (the options above for them are ignored), its shortlist is chosen again from the new audio.
+    init: str | None = None
     augment: AugmentOptions = field(default_factory=AugmentOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
 
@@ -797,6 +803,12 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
     """
     out = Path(out)
     torch.manual_seed(options.train.seed)
+    init_config = None
+    if options.init is not None:  # checked before the teacher pass, which can take an hour
+        init_config = init_draft_config(main, options.init)
+        options = replace(options, layers=init_config.n_layer, head=init_config.head, features=init_config.features,
+                          shortlist_size=len(init_config.shortlist or ()) or options.shortlist_size,
+                          rank=init_config.rank or options.rank)
     files = find_audio(audio)
     if not main.tokenizer.multilingual:
         skipped = [f for f in files if f.language not in (None, "en")]
@@ -823,16 +835,19 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
     log(f"teacher pass: {n_tokens} training tokens, {sum(w.n_targets for w in val_windows)} validation tokens, "
         f"{sum(w.seconds for w in train_windows) / 60:.1f} min of augmented audio ({teacher_seconds:.0f} s)")
 
-    init_layers = spread_layers(main.dims.n_text_layer, options.layers)
-    shortlist = None
-    if options.head == "shortlist":
-        shortlist = choose_shortlist(main.tokenizer, train_windows, options.shortlist_size)
-        log(f"shortlist: {len(shortlist)} tokens; covers {100 * shortlist_coverage(shortlist, train_windows):.1f}% "
-            f"of training and {100 * shortlist_coverage(shortlist, val_windows):.1f}% of validation greedy tokens")
-    network = build_draft_network(main, init_layers, options.head, shortlist=shortlist, rank=options.rank,
-                                  features=options.features)
-    log(f"draft: {options.layers} layers from main layers {list(init_layers)}, {options.head} head"
-        + (", reads the main model's hidden states" if options.features else ""))
+    if init_config is not None:
+        network = warm_start(main, options.init, train_windows, val_windows, log)
+        init_layers = init_config.init_layers
+    else:
+        init_layers = spread_layers(main.dims.n_text_layer, options.layers)
+        shortlist = None
+        if options.head == "shortlist":
+            shortlist = choose_shortlist(main.tokenizer, train_windows, options.shortlist_size)
+            log(f"shortlist: {len(shortlist)} tokens; {_coverage_line(shortlist, train_windows, val_windows)}")
+        network = build_draft_network(main, init_layers, options.head, shortlist=shortlist, rank=options.rank,
+                                      features=options.features)
+        log(f"draft: {options.layers} layers from main layers {list(init_layers)}, {options.head} head"
+            + (", reads the main model's hidden states" if options.features else ""))
 
     def config_for(result: TrainResult) -> DraftConfig:
         training = {
@@ -847,6 +862,9 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
             "initial_validation_kl": round(result.initial_kl, 4),
             "options": {k: v for k, v in asdict(options).items()},
         }
+        if init_config is not None:  # how the starting point was made, so the chain can be reproduced
+            training["init"] = {"draft": str(options.init), "command": init_config.training.get("command"),
+                                "eval": init_config.training.get("eval")}
         return new_config(main, network, init_layers, training)
 
     def save_best(net, result: TrainResult) -> None:
@@ -871,6 +889,44 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
                f"{100 * details['agreement_fed_back']:.1f}%" if "agreement_first" in details else ""))
     save_draft(network, config, out, dtype=options.storage_dtype, main=main)
     return wrap(main, network, name=f"{main.name}+draft{options.layers}", folder=out), config, result
+
+
+def init_draft_config(main: SpeechModel, init: str | Path) -> DraftConfig:
+    """The config of the draft `distill --init` starts from; one-line errors when it cannot be used."""
+    folder = draft_folder(init)
+    if folder is None:
+        raise SpecWhisperError(f"--init {init}: no draft.json there (not a specwhisper draft)")
+    config = read_config(folder)
+    check_main(config, main, str(folder))
+    return config
+
+
+def warm_start(main: SpeechModel, init: str | Path, train_windows: list[TeacherWindow],
+               val_windows: list[TeacherWindow], log=print):
+    """A trainable copy of the saved draft `init` (plain fp32 layers, not prepacked), for `distill --init`.
+
+    A shortlist head's list is chosen again from the new teacher outputs, at the same size: more audio
+    shows more of the tokens the main model emits, and a token outside the list can never be drafted.
+    """
+    folder = draft_folder(init)
+    config = init_draft_config(main, init)
+    network = load_draft(main, folder, prepack=False).network
+    head = network.decoder.output_projection
+    kept = ""
+    if isinstance(head, ShortlistHead):
+        before = _coverage_line(head.ids.tolist(), train_windows, val_windows)
+        shortlist = choose_shortlist(main.tokenizer, train_windows, len(head.ids))
+        kept = f"; {len(set(shortlist) & set(head.ids.tolist()))} of its {len(head.ids)} shortlist tokens kept"
+        with_shortlist(network, shortlist)
+        log(f"shortlist chosen again: {_coverage_line(shortlist, train_windows, val_windows)} (was: {before})")
+    log(f"draft: starting from {folder} ({config.n_layer} layers from main layers {list(config.init_layers)}, "
+        f"{config.head} head" + (", reads the main model's hidden states" if config.features else "") + kept + ")")
+    return network
+
+
+def _coverage_line(shortlist, train_windows: list[TeacherWindow], val_windows: list[TeacherWindow]) -> str:
+    return (f"covers {100 * shortlist_coverage(shortlist, train_windows):.1f}% of training and "
+            f"{100 * shortlist_coverage(shortlist, val_windows):.1f}% of validation greedy tokens")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -941,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-dtype", choices=("float32", "float16", "int8-delta"), default="float32",
                         help="how the draft's tensors are saved: float32 (reloads bit-identically), float16, or "
                              "int8-delta (int8 changes from the main model's layers: 1/4 the size; default: float32)")
+    parser.add_argument("--init", default=None, metavar="DRAFT",
+                        help="start from this saved draft (its layers, head and features) instead of the main "
+                             "model's layers: to adapt a draft to more or other audio")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--seed", type=int, default=0)
@@ -958,7 +1017,7 @@ def distill_main(argv: list[str] | None = None) -> int:
         options = DistillOptions(
             layers=args.layers, head=args.head, shortlist_size=args.shortlist_size, rank=args.rank,
             val_fraction=args.val_fraction, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-            storage_dtype=args.storage_dtype, features=args.features,
+            storage_dtype=args.storage_dtype, features=args.features, init=args.init,
             augment=AugmentOptions(speeds=tuple(args.speeds), crops=args.crops, concat_passes=args.concat_passes),
             train=TrainOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ce_weight=args.ce_weight,
                                hidden_weight=args.hidden_weight, feedback_weight=args.feedback_weight,

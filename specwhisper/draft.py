@@ -195,6 +195,29 @@ class ShortlistHead(nn.Module):
         self.packed = PackedLinear(self.rows, self.bias.detach())
 
 
+def with_shortlist(network: Whisper, ids: list[int] | Tensor) -> ShortlistHead:
+    """Give a shortlist draft a new list of tokens, keeping the learned bias of every token in both.
+
+    For continuing training on new audio (`distill --init`): the new teacher outputs choose the list
+    again, and a token that enters it starts at the median of the old biases (a token that left the
+    list had been learned as rarely emitted; zero, the fresh head's start, sits above most trained
+    biases and would make the newcomers the draft's favourite guesses).
+    """
+    old = network.decoder.output_projection
+    if not isinstance(old, ShortlistHead):
+        raise ValueError("with_shortlist needs a draft with a shortlist head")
+    head = ShortlistHead(network.decoder.token_embedding.weight, torch.as_tensor(ids, dtype=torch.long))
+    old_index = {int(t): i for i, t in enumerate(old.ids.tolist())}
+    with torch.no_grad():
+        head.bias.fill_(float(old.bias.median()))
+        pairs = [(i, old_index[int(t)]) for i, t in enumerate(head.ids.tolist()) if int(t) in old_index]
+        if pairs:
+            new_rows, old_rows = (torch.tensor(side, device=head.bias.device) for side in zip(*pairs))
+            head.bias[new_rows] = old.bias.detach()[old_rows]
+    network.decoder.output_projection = head
+    return head
+
+
 class LowRankHead(nn.Module):
     """logits = (hidden · D) · Uᵀ + b with D (C, r) and U (V, r), from the embedding's truncated SVD."""
 

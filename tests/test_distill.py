@@ -21,7 +21,7 @@ from specwhisper.decoding import DecodeStats, DecodingOptions
 from specwhisper.distill import AugmentOptions, AudioFile, distill_main, plan_windows, split_files
 from specwhisper.draft import (Int8Linear, LowRankHead, ShortlistHead, int8_available, is_prepacked, build_draft_network, decode_all_positions, draft_forward,
                                find_draft, load_draft, new_config, own_state_dict, prepack_draft, save_draft,
-                               shift_features, spread_layers, uses_features, wrap)
+                               shift_features, spread_layers, uses_features, with_shortlist, wrap)
 from specwhisper.errors import IncompatibleAssistantError
 from specwhisper.speculative import load_assistant, make_assistant, resolve_auto_assistant
 from specwhisper.transcribe import decode_window, first_window_mel
@@ -247,6 +247,55 @@ def test_feature_distillation_lowers_the_kl_raises_agreement_and_resumes(tiny_ma
     # A resumed run continues from the checkpoint (epoch 7 onward), never from scratch.
     assert distill_main([*args, "--epochs", "7", "--resume"]) == 0
     assert json.loads((out / "draft.json").read_text())["training"]["epochs_run"] == 7
+
+
+def test_init_continues_from_a_saved_draft_exactly_and_keeps_its_shape(tiny_main, empty_cache, tmp_path):
+    """`distill --init A`: training starts from A itself, not from the main model's layers."""
+    clips = [r["path"] for r in read_manifest("dev")[:8]]
+    common = ["--main", str(tiny_main.folder), "--audio", *clips, "--batch-size", "2", "--speeds", "--crops", "0",
+              "--concat-passes", "0", "--val-fraction", "0.25", "--max-new-tokens", "24", "--device", "cpu",
+              "--no-progress"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert distill_main([*common, "--out", str(first), "--layers", "1", "--features", "--head", "shortlist",
+                         "--shortlist-size", "4096", "--lr", "3e-3", "--epochs", "4", "--patience", "8"]) == 0
+    a = json.loads((first / "draft.json").read_text())
+    # Other shape options on the command line are overridden by the draft's own.
+    assert distill_main([*common, "--out", str(second), "--init", str(first), "--layers", "2", "--head", "full",
+                         "--lr", "1e-4", "--epochs", "1"]) == 0
+    b = json.loads((second / "draft.json").read_text())
+    # Same audio, so the same shortlist and validation split: before its first step the warm-started
+    # draft IS draft A, and scores exactly A's best validation agreement (a fresh draft scores far less).
+    assert b["training"]["initial_validation_agreement"] == a["training"]["validation_agreement"]
+    assert a["training"]["validation_agreement"] > a["training"]["initial_validation_agreement"] + 0.05
+    assert b["features"] is True and b["init_layers"] == a["init_layers"] and b["head"] == "shortlist"
+    assert b["shortlist"] == a["shortlist"]
+    assert b["training"]["init"]["command"] == a["training"]["command"]
+    assert load_draft(tiny_main, second).network.decoder.blocks.__len__() == 1
+
+
+def test_init_refuses_a_draft_for_another_model_before_any_work(tiny_main, empty_cache, tmp_path, capsys):
+    other = make_random_model(tmp_path / "other", seed=22, n_text_layer=4)
+    network = build_draft_network(other, (0, 3), "full")
+    folder = save_draft(network, new_config(other, network, (0, 3)), tmp_path / "d")
+    clip = read_manifest("dev")[0]["path"]
+    status = distill_main(["--main", str(tiny_main.folder), "--audio", clip, "--out", str(tmp_path / "out"),
+                           "--init", str(folder), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and "fingerprint" in err[-1] and err[-1].startswith("specwhisper: error:")
+    assert not (empty_cache / "distill").exists()  # refused before the teacher pass
+    assert distill_main(["--main", str(tiny_main.folder), "--audio", clip, "--out", str(tmp_path / "out"),
+                         "--init", str(tmp_path), "--device", "cpu", "--no-progress"]) == 1
+
+
+def test_a_new_shortlist_keeps_the_learned_bias_of_every_token_in_both(tiny_main):
+    network = build_draft_network(tiny_main, (0, 3), "shortlist", shortlist=[5, 7, 9, 11, 13])
+    with torch.no_grad():
+        network.decoder.output_projection.bias.copy_(torch.tensor([1.0, -2.0, -3.0, -4.0, 0.0]))
+    head = with_shortlist(network, [9, 100, 5, 200])
+    assert network.decoder.output_projection is head and head.ids.tolist() == [9, 100, 5, 200]
+    # 9 and 5 keep theirs; 100 and 200 start at the old median (-2), not at a fresh head's 0.
+    assert head.bias.tolist() == [-3.0, -2.0, 1.0, -2.0]
+    assert torch.equal(head.rows, tiny_main.network.decoder.token_embedding.weight[[9, 100, 5, 200]])
 
 
 def test_int8_linear_is_close_to_fp32_and_a_draft_runs_with_it(tiny_main):
