@@ -1,6 +1,6 @@
 """Long-form transcription: greedy vs speculative with the distilled draft, same process, same weights.
 
-    python benchmarks/bench_distilled.py [--main base] [--draft auto|FOLDER] [--folder long] [--repeats 1]
+    python benchmarks/bench_distilled.py [--main base] [--draft auto|FOLDER ...] [--folder long] [--repeats 1]
                                          [--no-faster-whisper] [--threads N]
 
 The recordings of ../shared/audio/long (two LJ Speech chapters, ~4 min each) were never trained
@@ -15,7 +15,9 @@ text, timestamps, no VAD).
 Printed per method: wall time (audio loading excluded, log-mel and encoder included), the ratio
 to our greedy, the encoder's share, and for speculative: acceptance (accepted / drafted), mean
 tokens per main-model pass, mean γ, draft ms per drafted token, verify ms per pass, the
-acceptance histogram, and whether the transcripts equal greedy's. Then the napkin math: the
+acceptance histogram, and whether the transcripts equal greedy's. Several drafts (`--draft A B`) are
+compared in the same run, each file decoded by greedy and then by each draft in turn; the
+analysis below the table is the first draft's. Then the napkin math: the
 bytes a draft step and a main step read, and the speedup the measured acceptance and costs
 predict for the decoder (E[tokens per round] / cost of a round, with the γ the controller chose).
 """
@@ -71,7 +73,8 @@ def faster_whisper_folder(name: str) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main", default="base")
-    parser.add_argument("--draft", default="auto", help="'auto' (the draft found for the main model) or a folder")
+    parser.add_argument("--draft", nargs="+", default=["auto"],
+                        help="'auto' (the draft found for the main model) or draft folders, compared in one run")
     parser.add_argument("--folder", default="long")
     parser.add_argument("--files", nargs="*", default=None,
                         help="only these files of the folder (e.g. a draft's held-out validation clips)")
@@ -85,31 +88,37 @@ def main() -> None:
     warnings.simplefilter("error")  # a silent fallback to greedy would make the table meaningless
 
     model = load_model(args.main, device="cpu", dtype="float32")
-    if args.draft == "auto":
-        assistant = resolve_auto_assistant(model)
-        if assistant is None:
-            raise SystemExit(f"no distilled draft found for {args.main}; pass --draft FOLDER")
-    else:
-        assistant = make_assistant(model, load_draft(model, Path(args.draft)))
-    draft = assistant.model
-    folder = draft.folder
+    assistants = {}  # row label -> assistant
+    for choice in args.draft:
+        if choice == "auto":
+            assistant = resolve_auto_assistant(model)
+            if assistant is None:
+                raise SystemExit(f"no distilled draft found for {args.main}; pass --draft FOLDER")
+        else:
+            assistant = make_assistant(model, load_draft(model, Path(choice)))
+        label = "specwhisper + draft" if len(args.draft) == 1 else f"+ draft {len(assistants) + 1}"
+        assistants[label] = assistant
     rows = [r for r in read_manifest(args.folder) if args.files is None or r["file"] in args.files]
     samples = {r["file"]: audio.load_audio(r["path"]) for r in rows}
     audio_seconds = sum(len(s) for s in samples.values()) / audio.SAMPLE_RATE
     load_start = os.getloadavg()
-    print(f"main {args.main} | draft {folder} ({assistant.kind}, {draft.dims.n_text_layer} layers, "
-          f"{type(draft.network.decoder.output_projection).__name__}) | {len(rows)} files, {audio_seconds:.0f} s of "
-          f"../shared/audio/{args.folder} | {torch.get_num_threads()} threads | load average {load_start[0]:.2f}")
+    print(f"main {args.main} | {len(rows)} files, {audio_seconds:.0f} s of ../shared/audio/{args.folder} | "
+          f"{torch.get_num_threads()} threads | load average {load_start[0]:.2f}")
+    for label, assistant in assistants.items():
+        draft = assistant.model
+        print(f"{label}: {draft.folder} ({assistant.kind}, {draft.dims.n_text_layer} layers, "
+              f"{type(draft.network.decoder.output_projection).__name__})")
 
     options = dict(language="en", temperature=0.0)
     model.transcribe(next(iter(samples.values()))[:audio.SAMPLE_RATE * 5], **options)  # warm-up
 
-    results: dict[str, dict] = {"greedy": {}, "speculative": {}}
-    seconds = {"greedy": 0.0, "speculative": 0.0}
-    stats = {"greedy": DecodeStats(), "speculative": DecodeStats()}
+    methods = {"greedy": None, **assistants}
+    results: dict[str, dict] = {m: {} for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    stats = {m: DecodeStats() for m in methods}
     for _ in range(args.repeats):
         for name, samples_ in samples.items():
-            for method, helper in (("greedy", None), ("speculative", assistant)):
+            for method, helper in methods.items():
                 started = time.perf_counter()
                 result = model.transcribe(samples_, assistant=helper, **options)
                 seconds[method] += time.perf_counter() - started
@@ -120,18 +129,20 @@ def main() -> None:
     if not args.no_faster_whisper:
         fw_seconds, fw_texts = run_faster_whisper(args, samples)
 
-    g, s = stats["greedy"], stats["speculative"]
-    identical = sum(results["greedy"][n].tokens == results["speculative"][n].tokens for n in samples)
-    rounds = len(s.accepted_per_round)
-    table = [
-        ["specwhisper greedy", seconds["greedy"], "1.00x", f"{100 * g.encoder_seconds / seconds['greedy']:.0f}%",
-         "", "1.00", "", f"{1e3 * g.decode_seconds / max(g.main_passes, 1):.1f} (step)", "", "reference"],
-        ["specwhisper + draft", seconds["speculative"], f"{seconds['greedy'] / seconds['speculative']:.2f}x",
-         f"{100 * s.encoder_seconds / seconds['speculative']:.0f}%", f"{100 * s.acceptance_rate:.1f}%",
-         f"{s.tokens_per_main_pass:.2f}", f"{s.drafted / max(rounds, 1):.1f}",
-         f"{1e3 * s.verify_seconds / max(s.main_passes, 1):.1f} (verify)",
-         f"{1e3 * s.draft_seconds / max(s.drafted, 1):.1f}", f"{identical}/{len(samples)} identical"],
-    ]
+    g = stats["greedy"]
+    table = [["specwhisper greedy", seconds["greedy"], "1.00x", f"{100 * g.encoder_seconds / seconds['greedy']:.0f}%",
+              "", "1.00", "", f"{1e3 * g.decode_seconds / max(g.main_passes, 1):.1f} (step)", "", "reference"]]
+    for label in assistants:
+        s = stats[label]
+        identical = sum(results["greedy"][n].tokens == results[label][n].tokens for n in samples)
+        rounds = len(s.accepted_per_round)
+        table.append([label, seconds[label], f"{seconds['greedy'] / seconds[label]:.2f}x",
+                      f"{100 * s.encoder_seconds / seconds[label]:.0f}%", f"{100 * s.acceptance_rate:.1f}%",
+                      f"{s.tokens_per_main_pass:.2f}", f"{s.drafted / max(rounds, 1):.1f}",
+                      f"{1e3 * s.verify_seconds / max(s.main_passes, 1):.1f} (verify)",
+                      f"{1e3 * s.draft_seconds / max(s.drafted, 1):.1f}", f"{identical}/{len(samples)} identical"])
+    first = next(iter(assistants))
+    s, draft = stats[first], assistants[first].model
     if fw_seconds is not None:
         same_text = sum(fw_texts[n].strip() == results["greedy"][n].text.strip() for n in samples)
         table.append(["faster-whisper fp32", fw_seconds, f"{seconds['greedy'] / fw_seconds:.2f}x", "", "", "", "",
@@ -139,13 +150,19 @@ def main() -> None:
     print_table(["method", "wall s", "vs greedy", "encoder", "accepted", "tokens/pass", "mean γ",
                  "main ms/pass", "draft ms/token", "transcripts"], table)
     if fw_seconds is not None:
-        print(f"speculative vs faster-whisper fp32: {fw_seconds / seconds['speculative']:.2f}x faster "
-              f"(target 1.5x); greedy vs faster-whisper: {fw_seconds / seconds['greedy']:.2f}x")
+        for label in assistants:
+            print(f"{label.removeprefix('specwhisper ')} vs faster-whisper fp32: {fw_seconds / seconds[label]:.2f}x "
+                  f"faster (target 1.5x)")
+        print(f"greedy vs faster-whisper: {fw_seconds / seconds['greedy']:.2f}x")
     decode = {m: stats[m].prefill_seconds + stats[m].decode_seconds + stats[m].draft_seconds + stats[m].verify_seconds
               for m in stats}
-    print(f"decoder only (prompt + steps, no encoder/log-mel): greedy {decode['greedy']:.1f} s, speculative "
-          f"{decode['speculative']:.1f} s: {decode['greedy'] / max(decode['speculative'], 1e-9):.2f}x; "
-          f"encoder {g.encoder_seconds:.1f} s / {s.encoder_seconds:.1f} s")
+    for label in assistants:
+        print(f"decoder only (prompt + steps, no encoder/log-mel), {label.removeprefix('specwhisper ')}: greedy "
+              f"{decode['greedy']:.1f} s, speculative {decode[label]:.1f} s: "
+              f"{decode['greedy'] / max(decode[label], 1e-9):.2f}x; encoder {g.encoder_seconds:.1f} s / "
+              f"{stats[label].encoder_seconds:.1f} s; α {stats[label].position_acceptance:.2f} per position")
+    if len(assistants) > 1:
+        print(f"the rest is about {first}:")
     print(f"accepted per round (drafts accepted: rounds): {s.acceptance_histogram()}; per-position acceptance "
           f"α {s.position_acceptance:.2f}")
     print(f"tokens: greedy {g.generated_tokens}, speculative {s.generated_tokens}; main passes "
