@@ -778,6 +778,7 @@ def evaluate_agreement(main: SpeechModel, network, paths: list[str | Path], time
 @dataclass(frozen=True)
 class DistillOptions:
     layers: int = 2
+    from_layers: tuple[int, ...] | None = None  # main layers to start the blocks from (default: spread_layers)
     head: str = "shortlist"
     shortlist_size: int = 8192
     rank: int = 64
@@ -803,6 +804,9 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
     """
     out = Path(out)
     torch.manual_seed(options.train.seed)
+    if options.from_layers and not all(0 <= layer < main.dims.n_text_layer for layer in options.from_layers):
+        raise SpecWhisperError(f"--from-layers {' '.join(map(str, options.from_layers))}: {main.name} has decoder "
+                               f"layers 0 to {main.dims.n_text_layer - 1}")
     init_config = None
     if options.init is not None:  # checked before the teacher pass, which can take an hour
         init_config = init_draft_config(main, options.init)
@@ -839,7 +843,7 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
         network = warm_start(main, options.init, train_windows, val_windows, log)
         init_layers = init_config.init_layers
     else:
-        init_layers = spread_layers(main.dims.n_text_layer, options.layers)
+        init_layers = options.from_layers or spread_layers(main.dims.n_text_layer, options.layers)
         shortlist = None
         if options.head == "shortlist":
             shortlist = choose_shortlist(main.tokenizer, train_windows, options.shortlist_size)
@@ -963,6 +967,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folders (searched recursively) or files of unlabelled audio to learn from")
     parser.add_argument("--out", required=True, help="folder to write draft.json and draft.safetensors into")
     parser.add_argument("--layers", type=int, default=2, help="decoder blocks in the draft (default: 2)")
+    parser.add_argument("--from-layers", type=int, nargs="+", default=None, metavar="L",
+                        help="main decoder layers the blocks start from, one per block (default: spread from "
+                             "first to last, e.g. 0 5 for 2 of base's 6)")
     parser.add_argument("--head", choices=("full", "shortlist", "lowrank"), default="shortlist",
                         help="output head: the main model's tied projection, a shortlist of the tokens it emits, "
                              "or a low-rank factorisation (default: shortlist)")
@@ -1015,7 +1022,8 @@ def distill_main(argv: list[str] | None = None) -> int:
         # fp32 everywhere: the draft trains in the main model's dtype, and fp16 training is unstable.
         main = load_model(args.main, device=args.device, dtype="float32")
         options = DistillOptions(
-            layers=args.layers, head=args.head, shortlist_size=args.shortlist_size, rank=args.rank,
+            layers=len(args.from_layers) if args.from_layers else args.layers,
+            from_layers=tuple(args.from_layers) if args.from_layers else None, head=args.head, shortlist_size=args.shortlist_size, rank=args.rank,
             val_fraction=args.val_fraction, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             storage_dtype=args.storage_dtype, features=args.features, init=args.init,
             augment=AugmentOptions(speeds=tuple(args.speeds), crops=args.crops, concat_passes=args.concat_passes),

@@ -273,6 +273,17 @@ def test_init_continues_from_a_saved_draft_exactly_and_keeps_its_shape(tiny_main
     assert load_draft(tiny_main, second).network.decoder.blocks.__len__() == 1
 
 
+def test_from_layers_picks_the_main_layers_the_blocks_start_from(tiny_main, empty_cache, tmp_path, capsys):
+    clip = read_manifest("dev")[0]["path"]
+    common = ["--main", str(tiny_main.folder), "--audio", clip, "--speeds", "--crops", "0", "--concat-passes", "0",
+              "--val-fraction", "0", "--max-new-tokens", "8", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert distill_main([*common, "--out", str(tmp_path / "d"), "--from-layers", "3", "--head", "full"]) == 0
+    saved = json.loads((tmp_path / "d" / "draft.json").read_text())
+    assert saved["init_layers"] == [3]
+    assert distill_main([*common, "--out", str(tmp_path / "e"), "--from-layers", "4"]) == 1  # tiny_main has 0..3
+    assert "layers 0 to 3" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_init_refuses_a_draft_for_another_model_before_any_work(tiny_main, empty_cache, tmp_path, capsys):
     other = make_random_model(tmp_path / "other", seed=22, n_text_layer=4)
     network = build_draft_network(other, (0, 3), "full")
