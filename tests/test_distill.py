@@ -400,6 +400,6 @@ def test_the_shipped_draft_is_found_for_base_equals_greedy_and_pays_in_passes(ba
         assert spec == greedy, row["file"]
         total.add(stats)
     # Measured when it shipped: 2.97 tokens per main pass at γ=4 on these windows (211 tokens in 71
-    # passes; acceptance per drafted position 0.75). The draft trained without synthetic speech gave
-    # ~2.3 (0.63); greedy is 1.
+    # passes; acceptance per drafted position 0.75), as for the draft it was continued from. The draft
+    # trained without synthetic speech gave ~2.3 (0.63); greedy is 1.
     assert total.tokens_per_main_pass > 2.5, total.as_dict()
