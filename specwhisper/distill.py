@@ -56,8 +56,7 @@ from torch import Tensor
 
 from . import audio as audio_io
 from .decoding import DecodingOptions, LogitRules, autoregressive_decode, build_prompts, resolve_languages
-from .draft import (DraftConfig, ShortlistHead, build_draft_network, check_main, decode_all_positions, draft_folder,
-                    fingerprint,
+from .draft import (DraftConfig, ShortlistHead, build_draft_network, decode_all_positions, fingerprint,
                     head_log_probs, load_draft, load_own_state, new_config, own_parameters, own_state_dict,
                     read_config, save_draft, shift_features, spread_layers, uses_features, with_shortlist, wrap)
 from .errors import SpecWhisperError
@@ -778,7 +777,7 @@ def evaluate_agreement(main: SpeechModel, network, paths: list[str | Path], time
 @dataclass(frozen=True)
 class DistillOptions:
     layers: int = 2
-    from_layers: tuple[int, ...] | None = None  # main layers to start the blocks from (default: spread_layers)
+    from_layers: tuple[int, ...] | None = None  # main layers the blocks start from (sets `layers`); default: spread
     head: str = "shortlist"
     shortlist_size: int = 8192
     rank: int = 64
@@ -804,12 +803,15 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
     """
     out = Path(out)
     torch.manual_seed(options.train.seed)
-    if options.from_layers and not all(0 <= layer < main.dims.n_text_layer for layer in options.from_layers):
-        raise SpecWhisperError(f"--from-layers {' '.join(map(str, options.from_layers))}: {main.name} has decoder "
-                               f"layers 0 to {main.dims.n_text_layer - 1}")
-    init_config = None
-    if options.init is not None:  # checked before the teacher pass, which can take an hour
-        init_config = init_draft_config(main, options.init)
+    if options.from_layers:
+        if not all(0 <= layer < main.dims.n_text_layer for layer in options.from_layers):
+            raise SpecWhisperError(f"--from-layers {' '.join(map(str, options.from_layers))}: {main.name} has "
+                                   f"decoder layers 0 to {main.dims.n_text_layer - 1}")
+        options = replace(options, layers=len(options.from_layers))
+    start_network, init_config = None, None
+    if options.init is not None:  # loaded and checked against `main` before the teacher pass, which can take an hour
+        start_draft = load_draft(main, options.init, prepack=False)
+        start_network, init_config = start_draft.network, read_config(start_draft.folder)
         options = replace(options, layers=init_config.n_layer, head=init_config.head, features=init_config.features,
                           shortlist_size=len(init_config.shortlist or ()) or options.shortlist_size,
                           rank=init_config.rank or options.rank)
@@ -840,7 +842,7 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
         f"{sum(w.seconds for w in train_windows) / 60:.1f} min of augmented audio ({teacher_seconds:.0f} s)")
 
     if init_config is not None:
-        network = warm_start(main, options.init, train_windows, val_windows, log)
+        network = warm_start(main, start_network, init_config, options.init, train_windows, val_windows, log)
         init_layers = init_config.init_layers
     else:
         init_layers = options.from_layers or spread_layers(main.dims.n_text_layer, options.layers)
@@ -895,26 +897,13 @@ def distill(main: SpeechModel, audio: list[str | Path], out: str | Path, options
     return wrap(main, network, name=f"{main.name}+draft{options.layers}", folder=out), config, result
 
 
-def init_draft_config(main: SpeechModel, init: str | Path) -> DraftConfig:
-    """The config of the draft `distill --init` starts from; one-line errors when it cannot be used."""
-    folder = draft_folder(init)
-    if folder is None:
-        raise SpecWhisperError(f"--init {init}: no draft.json there (not a specwhisper draft)")
-    config = read_config(folder)
-    check_main(config, main, str(folder))
-    return config
-
-
-def warm_start(main: SpeechModel, init: str | Path, train_windows: list[TeacherWindow],
-               val_windows: list[TeacherWindow], log=print):
-    """A trainable copy of the saved draft `init` (plain fp32 layers, not prepacked), for `distill --init`.
+def warm_start(main: SpeechModel, network, config: DraftConfig, source: str | Path,
+               train_windows: list[TeacherWindow], val_windows: list[TeacherWindow], log=print):
+    """The saved draft `network` (loaded unpacked, so trainable), ready to continue training (`distill --init`).
 
     A shortlist head's list is chosen again from the new teacher outputs, at the same size: more audio
     shows more of the tokens the main model emits, and a token outside the list can never be drafted.
     """
-    folder = draft_folder(init)
-    config = init_draft_config(main, init)
-    network = load_draft(main, folder, prepack=False).network
     head = network.decoder.output_projection
     kept = ""
     if isinstance(head, ShortlistHead):
@@ -923,7 +912,7 @@ def warm_start(main: SpeechModel, init: str | Path, train_windows: list[TeacherW
         kept = f"; {len(set(shortlist) & set(head.ids.tolist()))} of its {len(head.ids)} shortlist tokens kept"
         with_shortlist(network, shortlist)
         log(f"shortlist chosen again: {_coverage_line(shortlist, train_windows, val_windows)} (was: {before})")
-    log(f"draft: starting from {folder} ({config.n_layer} layers from main layers {list(config.init_layers)}, "
+    log(f"draft: starting from {source} ({config.n_layer} layers from main layers {list(config.init_layers)}, "
         f"{config.head} head" + (", reads the main model's hidden states" if config.features else "") + kept + ")")
     return network
 
@@ -1022,8 +1011,8 @@ def distill_main(argv: list[str] | None = None) -> int:
         # fp32 everywhere: the draft trains in the main model's dtype, and fp16 training is unstable.
         main = load_model(args.main, device=args.device, dtype="float32")
         options = DistillOptions(
-            layers=len(args.from_layers) if args.from_layers else args.layers,
-            from_layers=tuple(args.from_layers) if args.from_layers else None, head=args.head, shortlist_size=args.shortlist_size, rank=args.rank,
+            layers=args.layers, from_layers=tuple(args.from_layers) if args.from_layers else None, head=args.head,
+            shortlist_size=args.shortlist_size, rank=args.rank,
             val_fraction=args.val_fraction, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             storage_dtype=args.storage_dtype, features=args.features, init=args.init,
             augment=AugmentOptions(speeds=tuple(args.speeds), crops=args.crops, concat_passes=args.concat_passes),
