@@ -29,11 +29,13 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from common import print_table, read_manifest
+from oracle import oracle_assistant, record_fed_tokens
 from specwhisper import audio, load_model
 from specwhisper.decoding import DecodeStats
 from specwhisper.draft import Int8Linear, ShortlistHead, load_draft, uses_features
@@ -42,6 +44,7 @@ from specwhisper.speculative import make_assistant, resolve_auto_assistant
 from specwhisper.weights.resolve import cache_dir
 
 BYTES_FP32 = 4
+ORACLE = "oracle draft"  # knows greedy's tokens, runs no model: the ceiling of drafting (oracle.py)
 
 
 def faster_whisper_folder(name: str) -> Path | None:
@@ -81,6 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch (and CTranslate2) threads")
     parser.add_argument("--no-faster-whisper", action="store_true")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also decode with a draft that knows greedy's tokens and runs no model (oracle.py): "
+                             "the most any draft can gain here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,15 +119,24 @@ def main() -> None:
     model.transcribe(next(iter(samples.values()))[:audio.SAMPLE_RATE * 5], **options)  # warm-up
 
     methods = {"greedy": None, **assistants}
+    if args.oracle:
+        methods[ORACLE] = None  # made per file from that file's greedy run, below
     results: dict[str, dict] = {m: {} for m in methods}
     seconds = {m: 0.0 for m in methods}
     stats = {m: DecodeStats() for m in methods}
     for _ in range(args.repeats):
         for name, samples_ in samples.items():
+            oracle = None
             for method, helper in methods.items():
+                if method == ORACLE:
+                    helper = oracle
+                recording = record_fed_tokens(model) if method == "greedy" and args.oracle else nullcontext()
                 started = time.perf_counter()
-                result = model.transcribe(samples_, assistant=helper, **options)
+                with recording as fed:
+                    result = model.transcribe(samples_, assistant=helper, **options)
                 seconds[method] += time.perf_counter() - started
+                if fed is not None:
+                    oracle = oracle_assistant(model, fed)
                 results[method][name] = result
                 stats[method].add(result.stats)
 
@@ -132,7 +147,9 @@ def main() -> None:
     g = stats["greedy"]
     table = [["specwhisper greedy", seconds["greedy"], "1.00x", f"{100 * g.encoder_seconds / seconds['greedy']:.0f}%",
               "", "1.00", "", f"{1e3 * g.decode_seconds / max(g.main_passes, 1):.1f} (step)", "", "reference"]]
-    for label in assistants:
+    for label in methods:
+        if label == "greedy":
+            continue
         s = stats[label]
         identical = sum(results["greedy"][n].tokens == results[label][n].tokens for n in samples)
         rounds = len(s.accepted_per_round)
@@ -140,7 +157,7 @@ def main() -> None:
                       f"{100 * s.encoder_seconds / seconds[label]:.0f}%", f"{100 * s.acceptance_rate:.1f}%",
                       f"{s.tokens_per_main_pass:.2f}", f"{s.drafted / max(rounds, 1):.1f}",
                       f"{1e3 * s.verify_seconds / max(s.main_passes, 1):.1f} (verify)",
-                      f"{1e3 * s.draft_seconds / max(s.drafted, 1):.1f}", f"{identical}/{len(samples)} identical"])
+                      f"{1e3 * s.draft_seconds / max(s.drafted, 1):.2f}", f"{identical}/{len(samples)} identical"])
     first = next(iter(assistants))
     s, draft = stats[first], assistants[first].model
     if fw_seconds is not None:
@@ -156,12 +173,17 @@ def main() -> None:
         print(f"greedy vs faster-whisper: {fw_seconds / seconds['greedy']:.2f}x")
     decode = {m: stats[m].prefill_seconds + stats[m].decode_seconds + stats[m].draft_seconds + stats[m].verify_seconds
               for m in stats}
-    for label in assistants:
+    for label in (m for m in methods if m != "greedy"):
         print(f"decoder only (prompt + steps, no encoder/log-mel), {label.removeprefix('specwhisper ')}: greedy "
               f"{decode['greedy']:.1f} s, speculative {decode[label]:.1f} s: "
               f"{decode['greedy'] / max(decode[label], 1e-9):.2f}x; encoder {g.encoder_seconds:.1f} s / "
               f"{stats[label].encoder_seconds:.1f} s; α {stats[label].position_acceptance:.2f} per position")
-    if len(assistants) > 1:
+    if args.oracle:
+        o = stats[ORACLE]
+        print(f"ceiling: the oracle draft (every draft accepted: {o.accepted}/{o.drafted}; no model run) is "
+              f"{seconds['greedy'] / seconds[ORACLE]:.2f}x greedy overall; no draft can do better in this loop on "
+              f"this machine (the issue's target: 2.0x)")
+    if len(assistants) > 1 or args.oracle:
         print(f"the rest is about {first}:")
     print(f"accepted per round (drafts accepted: rounds): {s.acceptance_histogram()}; per-position acceptance "
           f"α {s.position_acceptance:.2f}")

@@ -5,11 +5,13 @@
 Both sides read the same converted safetensors folder, in fp32, with torch's default
 thread count, and decode ../shared/audio/dev greedily (first 30 s of each clip, audio
 padded to 30 s before the log-mel: the transformers convention, so the token ids can
-be compared). specwhisper runs three times: as `load_model` sets it up on the CPU
-(oneDNN-prepacked linears, specwhisper.prepack, and greedy choices from an fp16 screen
-of the output projection, specwhisper.screening); the same model without the screen
-(every logit from the fp32 projection); and with plain nn.Linear (`prepack=False`), so
-the effect of each shows in the same run.
+be compared). specwhisper runs four times: as `load_model` sets it up on the CPU
+(prepacked linears, specwhisper.prepack: the decoder blocks' fp16-valued weights held in
+fp16 for fbgemm, the rest in oneDNN's fp32 layout; greedy choices from an fp16 screen of
+the output projection, specwhisper.screening); the same model without the screen (every
+logit from the fp32 projection); with the decoder blocks in oneDNN fp32 too (`fp32
+blocks`); and with plain nn.Linear (`prepack=False`), so the effect of each shows in the
+same run.
 
 Per model it prints, summed over all clips (audio file reading is not timed):
   - wall time, split into log-mel / encoder / decode, and transformers' time over ours;
@@ -43,6 +45,7 @@ from specwhisper import audio, load_model
 from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, autoregressive_decode, build_prompts,
                                   resolve_languages)
 from specwhisper.loading import SpeechModel
+from specwhisper.prepack import PackedLinear, prepack_linears
 
 BYTES_FP32 = 4
 BANDWIDTH_BUFFER_BYTES = 256 * 2**20  # far beyond the last-level cache (32 MB on the dev box)
@@ -207,18 +210,20 @@ def identical(a: Timings, b: Timings) -> int:
 
 def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int, batch: int,
            bandwidth: tuple[float, float]) -> None:
-    ours, plain, hf = runs["ours"], runs["plain"], runs["transformers"]
+    ours, plain, hf, fp32_blocks = runs["ours"], runs["plain"], runs["transformers"], runs["fp32 blocks"]
     dims = model.dims
     print(f"\n## {name}: {dims.n_text_layer}-layer decoder, width {dims.n_text_state}, vocab {dims.n_vocab}; "
           f"{n_clips} clips, batch {batch}, fp32, CPU, {torch.get_num_threads()} torch threads")
     unscreened = runs["no screen"]
-    header = ["", "specwhisper", "no screen", "no prepack", "transformers", "tf / ours", "no screen / ours"]
+    header = ["", "specwhisper", "no screen", "fp32 blocks", "no prepack", "transformers", "tf / ours",
+              "no screen / ours", "fp32 blocks / ours"]
 
     def row(label, get, fmt=float):
-        values = [get(t) for t in (ours, unscreened, plain, hf)]
+        values = [get(t) for t in (ours, unscreened, fp32_blocks, plain, hf)]
         if fmt is int:  # counts: equal on both sides when the tokens are
-            return [label] + values + ["", ""]
-        return [label] + [fmt(v) for v in values] + [ratio(values[3], values[0]), ratio(values[1], values[0])]
+            return [label] + values + ["", "", ""]
+        return [label] + [fmt(v) for v in values] + [ratio(values[4], values[0]), ratio(values[1], values[0]),
+                                                     ratio(values[2], values[0])]
 
     print_rows(header, [
         row("total s", lambda t: t.total),
@@ -231,11 +236,18 @@ def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int
         row("decoder steps", lambda t: t.passes, int),
     ])
     print(f"identical token ids vs transformers: specwhisper {identical(ours, hf)}/{n_clips} clips, "
-          f"no screen {identical(unscreened, hf)}/{n_clips}, no prepack {identical(plain, hf)}/{n_clips}")
+          f"no screen {identical(unscreened, hf)}/{n_clips}, fp32 blocks {identical(fp32_blocks, hf)}/{n_clips}, "
+          f"no prepack {identical(plain, hf)}/{n_clips}")
 
     parts = step_bytes(model, batch)
     total_bytes = sum(parts.values())
-    screened_bytes = total_bytes - parts["output projection"] // 2 if model.network.decoder.screened_head else total_bytes
+    # specwhisper reads the output projection in fp16 through the screen, and the blocks' weights held in fp16.
+    half_block_bytes = sum(m.in_features * m.out_features * BYTES_FP32 // 2
+                           for name, m in model.network.decoder.blocks.named_modules()
+                           if isinstance(m, PackedLinear) and m.half_weights
+                           and not name.endswith(("cross_attn.key", "cross_attn.value")))  # those run once per window
+    screened_bytes = total_bytes - half_block_bytes - \
+        (parts["output projection"] // 2 if model.network.decoder.screened_head else 0)
     read_gbs, copy_gbs = bandwidth
     floor_ms = 1e3 * total_bytes / (read_gbs * 1e9)
     print("napkin math, one decoder step: " + " + ".join(f"{v / 1e6:.1f} MB {k}" for k, v in parts.items())
@@ -243,9 +255,11 @@ def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int
     print(f"  memory bandwidth measured here: {read_gbs:.1f} GB/s read (sum), {copy_gbs:.1f} GB/s copy "
           f"(read + write) -> floor {floor_ms:.2f} ms/step at the read bandwidth")
     if screened_bytes != total_bytes:
-        print(f"  with the fp16 screen specwhisper reads {screened_bytes / 1e6:.1f} MB per step: "
-              f"floor {1e3 * screened_bytes / (read_gbs * 1e9):.2f} ms/step")
-    for label, t, nbytes in (("specwhisper", ours, screened_bytes), ("no screen", unscreened, total_bytes),
+        print(f"  with the fp16 screen and fp16-held block weights specwhisper reads {screened_bytes / 1e6:.1f} MB "
+              f"per step: floor {1e3 * screened_bytes / (read_gbs * 1e9):.2f} ms/step")
+    for label, t, nbytes in (("specwhisper", ours, screened_bytes),
+                             ("no screen", unscreened, screened_bytes + parts["output projection"] // 2),
+                             ("fp32 blocks", fp32_blocks, screened_bytes + half_block_bytes),
                              ("no prepack", plain, total_bytes), ("transformers", hf, total_bytes)):
         gbs = nbytes / (t.ms_per_step * 1e-3) / 1e9 if t.passes else 0.0
         print(f"  {label:>12}: {t.ms_per_step:6.2f} ms/step -> {gbs:5.1f} GB/s implied "
@@ -264,6 +278,8 @@ def bench_model(name: str, rows: list[dict], batch: int, bandwidth: tuple[float,
     transformers.utils.logging.disable_progress_bar()
     ours = load_model(name, device="cpu", dtype=torch.float32)
     plain = load_model(name, device="cpu", dtype=torch.float32, prepack=False)
+    fp32_blocks = load_model(name, device="cpu", dtype=torch.float32, prepack=False)
+    prepack_linears(fp32_blocks.network, half_weights=False)
     hf = transformers.WhisperForConditionalGeneration.from_pretrained(ours.folder, dtype=torch.float32).eval()
     # The converted folder has no preprocessor_config.json; the defaults are Whisper's front end.
     feature_extractor = transformers.WhisperFeatureExtractor(feature_size=ours.dims.n_mels)
@@ -278,13 +294,14 @@ def bench_model(name: str, rows: list[dict], batch: int, bandwidth: tuple[float,
         ours.network.decoder.screened_head = None
         run_ours(ours, clips, language, runs["no screen"])
         ours.network.decoder.screened_head = screen
+        run_ours(fp32_blocks, clips, language, runs["fp32 blocks"])
         run_ours(plain, clips, language, runs["plain"])
         run_transformers(hf, feature_extractor, clips, language, eot, runs["transformers"])
 
     samples = [audio.load_audio(r["path"]) for r in rows]
     with torch.inference_mode():
-        run_all(samples[:batch], {k: Timings() for k in ("ours", "no screen", "plain", "transformers")})  # warm-up
-        runs = {k: Timings() for k in ("ours", "no screen", "plain", "transformers")}
+        run_all(samples[:batch], {k: Timings() for k in ("ours", "no screen", "fp32 blocks", "plain", "transformers")})  # warm-up
+        runs = {k: Timings() for k in ("ours", "no screen", "fp32 blocks", "plain", "transformers")}
         for start in range(0, len(samples), batch):
             run_all(samples[start:start + batch], runs)
     report(name, ours, runs, len(samples), batch, bandwidth)

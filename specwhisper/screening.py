@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 
 @functools.cache
-def screen_available() -> bool:
+def fp16_gemm_available() -> bool:
     """Whether fbgemm's fp16-weight GEMM runs here (x86 CPUs)."""
     try:
         packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(2, 8), None)

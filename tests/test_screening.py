@@ -16,11 +16,11 @@ import torch
 from conftest import read_manifest
 from specwhisper import audio
 from specwhisper.decoding import DecodeStats, DecodingOptions, LogitRules
-from specwhisper.screening import ScreenedHead, ScreenedRow, screen_available
+from specwhisper.screening import ScreenedHead, ScreenedRow, fp16_gemm_available
 from specwhisper.speculative import resolve_auto_assistant
 from specwhisper.transcribe import decode_window, first_window_mel
 
-pytestmark = pytest.mark.skipif(not screen_available(), reason="no fbgemm fp16 GEMM in this torch build")
+pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="no fbgemm fp16 GEMM in this torch build")
 
 
 def exact_logits(head: ScreenedHead, hidden: torch.Tensor) -> torch.Tensor:
