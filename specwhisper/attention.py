@@ -13,6 +13,10 @@ All tensors are (batch, heads, length, head_dim).
 - `cross_attention`: decoder queries against the encoder output's K/V, no mask.
 - `encoder_attention`: encoder self-attention, no mask.
 
+After the prompt the decoder asks the first two for `independent_positions`: on the
+CPU each (row, new position) is then computed in a call of its own, so a position's
+result does not depend on how many are verified together (`one_position_at_a_time`).
+
 Backends
 --------
 `set_attention_backend(name)` (or `with use_attention_backend(name):`) picks
@@ -218,12 +222,30 @@ def causal_cache_mask(q_start: Tensor, n_new: int, n_keys: int) -> Tensor:
     return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (B, 1, T, S)
 
 
+def one_position_at_a_time(q: Tensor, independent_positions: bool) -> bool:
+    """Whether the PyTorch path must compute each (row, new position) in a call of its own.
+
+    Why: SDPA's CPU kernels sum in an order that depends on how many queries (and rows) one call
+    holds, so a verify pass over γ+1 positions gave hidden states a few ulps away from the same
+    positions decoded one step at a time (up to 5e-4 on base's ~275-norm hidden states after six
+    layers), and a near-tie between the two best tokens could then go the other way. Computed one
+    position at a time, every position after the prompt gets the bits a single greedy step gives it,
+    so speculative decoding reproduces greedy decoding bit for bit (tests/test_exactness.py). The
+    cost is the verify pass re-reading each layer's cross-attention K/V once per extra position,
+    mostly from the last-level cache (~0.1 ms per position and layer for base on the dev box).
+    Only on the CPU: on a GPU the fused kernels decide, and many tiny launches would cost more.
+    """
+    return independent_positions and q.device.type == "cpu" and q.shape[0] * q.shape[2] > 1
+
+
 def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
-                   uniform_start: int | None = None) -> Tensor:
+                   uniform_start: int | None = None, independent_positions: bool = False) -> Tensor:
     """q: (B, H, T, D); k_cache, v_cache: (B, H, S_max, D); q_start: (B,) int64.
 
     `uniform_start` is q_start's value when every row shares it (a Python int the
     caller already knows), which lets a single-token step skip building a mask.
+    independent_positions: every (row, position) gets the bits it would get alone
+    (`one_position_at_a_time`); the decoder asks for it after the prompt.
     Returns (B, H, T, D).
     """
     n_new = q.shape[2]
@@ -236,6 +258,14 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
         if out is not None:
             return out
     _record("self", "torch")
+    if one_position_at_a_time(q, independent_positions):
+        out = torch.empty_like(q)
+        for row, start in enumerate(q_start.tolist()):  # the CPU only: no device sync
+            for i in range(n_new):  # query i sees keys 0 .. start + i, as a one-token step does
+                n_keys = start + i + 1
+                out[row:row + 1, :, i:i + 1] = F.scaled_dot_product_attention(
+                    q[row:row + 1, :, i:i + 1], k_cache[row:row + 1, :, :n_keys], v_cache[row:row + 1, :, :n_keys])
+        return out
     if uniform_start is not None:
         n_keys = uniform_start + n_new
         k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
@@ -249,13 +279,21 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: (B, H, T, D); k, v: (B, H, S_audio, D). Returns (B, H, T, D)."""
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, independent_positions: bool = False) -> Tensor:
+    """q: (B, H, T, D); k, v: (B, H, S_audio, D). Returns (B, H, T, D).
+    independent_positions: as for `self_attention`."""
     if _choose("cross", q, k, v) == "triton":
         out = _run_triton("cross", lambda kern: kern.cross.cross_attention(q, k, v))
         if out is not None:
             return out
     _record("cross", "torch")
+    if one_position_at_a_time(q, independent_positions):
+        out = torch.empty_like(q)
+        for row in range(q.shape[0]):
+            for i in range(q.shape[2]):
+                out[row:row + 1, :, i:i + 1] = F.scaled_dot_product_attention(
+                    q[row:row + 1, :, i:i + 1], k[row:row + 1], v[row:row + 1])
+        return out
     return F.scaled_dot_product_attention(q, k, v)
 
 

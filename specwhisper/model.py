@@ -86,17 +86,20 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project_qkv(x)
         return self.out(merge_heads(attention.encoder_attention(q, k, v)))
 
-    def cached_self_forward(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
-        """x: (B, T, C) for T new tokens; writes their K/V into `cache` at its lengths."""
+    def cached_self_forward(self, x: Tensor, cache: KVCache, layer: int, independent_positions: bool = False
+                            ) -> Tensor:
+        """x: (B, T, C) for T new tokens; writes their K/V into `cache` at its lengths.
+        independent_positions: see `attention.one_position_at_a_time`."""
         q, k_new, v_new = self.project_qkv(x)
         k_cache, v_cache = cache.write(layer, k_new, v_new)
-        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length())
+        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length(),
+                                       independent_positions)
         return self.out(merge_heads(out))
 
-    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int) -> Tensor:
+    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int, independent_positions: bool = False) -> Tensor:
         """x: (B, T, C) attends to the audio window's precomputed K/V."""
         q = split_heads(self.query(x), self.n_head)
-        out = attention.cross_attention(q, audio_kv.keys[layer], audio_kv.values[layer])
+        out = attention.cross_attention(q, audio_kv.keys[layer], audio_kv.values[layer], independent_positions)
         return self.out(merge_heads(out))
 
     def project_audio_kv(self, audio_features: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,8 +140,12 @@ class DecoderBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
 
     def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache, layer: int) -> Tensor:
-        x = x + self.attn.cached_self_forward(self.attn_ln(x), cache, layer)
-        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer)
+        # Past the prompt, a position must get the same bits in a verify pass of several positions as
+        # in a one-token step (attention.one_position_at_a_time). The prompt is always run as one
+        # block, by greedy and speculative decoding alike, so it may run as one.
+        after_prompt = max(cache.lengths) > 0
+        x = x + self.attn.cached_self_forward(self.attn_ln(x), cache, layer, after_prompt)
+        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer, after_prompt)
         return x + self.mlp(self.mlp_ln(x))
 
 
