@@ -259,13 +259,12 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
             return out
     _record("self", "torch")
     if one_position_at_a_time(q, independent_positions):
-        out = torch.empty_like(q)
-        for row, start in enumerate(q_start.tolist()):  # the CPU only: no device sync
-            for i in range(n_new):  # query i sees keys 0 .. start + i, as a one-token step does
-                n_keys = start + i + 1
-                out[row:row + 1, :, i:i + 1] = F.scaled_dot_product_attention(
-                    q[row:row + 1, :, i:i + 1], k_cache[row:row + 1, :, :n_keys], v_cache[row:row + 1, :, :n_keys])
-        return out
+        # Query i of a row sees keys 0 .. start + i, exactly as a one-token step does (no mask).
+        return torch.cat([torch.cat([F.scaled_dot_product_attention(q[row:row + 1, :, i:i + 1],
+                                                                    k_cache[row:row + 1, :, :start + i + 1],
+                                                                    v_cache[row:row + 1, :, :start + i + 1])
+                                     for i in range(n_new)], dim=2)
+                          for row, start in enumerate(q_start.tolist())])  # the CPU only: no device sync
     if uniform_start is not None:
         n_keys = uniform_start + n_new
         k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
@@ -288,12 +287,9 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, independent_positions: bool
             return out
     _record("cross", "torch")
     if one_position_at_a_time(q, independent_positions):
-        out = torch.empty_like(q)
-        for row in range(q.shape[0]):
-            for i in range(q.shape[2]):
-                out[row:row + 1, :, i:i + 1] = F.scaled_dot_product_attention(
-                    q[row:row + 1, :, i:i + 1], k[row:row + 1], v[row:row + 1])
-        return out
+        return torch.cat([torch.cat([F.scaled_dot_product_attention(q[row:row + 1, :, i:i + 1], k[row:row + 1],
+                                                                    v[row:row + 1]) for i in range(q.shape[2])], dim=2)
+                          for row in range(q.shape[0])])
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -287,6 +287,7 @@ def _draft_shell(main: SpeechModel, n_layer: int) -> Whisper:
     decoder.blocks = nn.ModuleList(DecoderBlock(dims.n_text_state, dims.n_text_head)
                                    for _ in range(n_layer)).to(main.device, main.dtype)
     decoder.ln = nn.LayerNorm(dims.n_text_state).to(main.device, main.dtype)
+    decoder.exact_positions = False  # verification decides every token: a draft may batch its positions
     return network
 
 

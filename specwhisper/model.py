@@ -139,13 +139,10 @@ class DecoderBlock(nn.Module):
         self.mlp = mlp(n_state)
         self.mlp_ln = nn.LayerNorm(n_state)
 
-    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache, layer: int) -> Tensor:
-        # Past the prompt, a position must get the same bits in a verify pass of several positions as
-        # in a one-token step (attention.one_position_at_a_time). The prompt is always run as one
-        # block, by greedy and speculative decoding alike, so it may run as one.
-        after_prompt = max(cache.lengths) > 0
-        x = x + self.attn.cached_self_forward(self.attn_ln(x), cache, layer, after_prompt)
-        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer, after_prompt)
+    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache, layer: int,
+                independent_positions: bool = False) -> Tensor:
+        x = x + self.attn.cached_self_forward(self.attn_ln(x), cache, layer, independent_positions)
+        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer, independent_positions)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -186,6 +183,10 @@ class TextDecoder(nn.Module):
         # Optionally a cheap screen of the same projection with an error bound, for exact greedy
         # choices without computing every logit exactly (specwhisper.screening; used by decoding).
         self.screened_head: nn.Module | None = None
+        # Past the prompt, give every position the bits a one-token step gives it, however many are
+        # computed together (attention.one_position_at_a_time): what lets a verify pass reproduce
+        # greedy steps exactly. A draft, whose numbers never reach the output, turns it off.
+        self.exact_positions = True
 
     def audio_kv(self, audio_features: Tensor) -> AudioKV:
         """Cross-attention K/V of every layer for these audio features, computed once per window."""
@@ -205,8 +206,10 @@ class TextDecoder(nn.Module):
     def forward_inputs(self, x: Tensor, audio_kv: AudioKV, cache: KVCache) -> Tensor:
         """The blocks and final LayerNorm on first-block inputs x (B, T, C) at the cache's lengths,
         for callers that build the inputs themselves (a distilled draft: specwhisper.draft)."""
+        # The prompt is always run as one block, by greedy and speculative decoding alike: it may run as one.
+        independent_positions = self.exact_positions and max(cache.lengths) > 0
         for layer, block in enumerate(self.blocks):
-            x = block(x, audio_kv, cache, layer)
+            x = block(x, audio_kv, cache, layer, independent_positions)
         cache.advance(x.shape[1])
         return self.ln(x)
 

@@ -116,7 +116,9 @@ class DraftLengthController:
     outlier_ratio: float = 2.0
     fit_smoothing: float = 0.1  # weight of each pass in the verify-cost fit (~10 passes)
     slope_ridge: float = 1.0  # positions²: how much spread in pass sizes outweighs the prior slope
-    prior_slope_fraction: float = 0.03  # an extra position's cost before the data says otherwise (base, CPU)
+    # An extra position's cost before the data says otherwise: ~15 % of a pass for base on the CPU, where
+    # attention runs one position at a time after the prompt for exactness (attention.one_position_at_a_time).
+    prior_slope_fraction: float = 0.15
     max_slope_fraction: float = 0.25  # an extra position costs at most this fraction of a mean pass
     # Weighted sums for the verify-cost fit: (1, x, x², seconds, x·seconds), x = positions - 1.
     _fit_sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)
