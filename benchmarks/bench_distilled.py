@@ -1,7 +1,7 @@
 """Long-form transcription: greedy vs speculative with the distilled draft, same process, same weights.
 
     python benchmarks/bench_distilled.py [--main base] [--draft auto|FOLDER ...] [--folder long] [--repeats 1]
-                                         [--no-faster-whisper] [--threads N]
+                                         [--no-faster-whisper] [--threads N] [--oracle]
 
 The recordings of ../shared/audio/long (two LJ Speech chapters, ~4 min each) were never trained
 on (the shipped draft learned from ../shared/audio/dev + multilingual). Each file is transcribed
@@ -17,7 +17,8 @@ to our greedy, the encoder's share, and for speculative: acceptance (accepted / 
 tokens per main-model pass, mean γ, draft ms per drafted token, verify ms per pass, the
 acceptance histogram, and whether the transcripts equal greedy's. Several drafts (`--draft A B`) are
 compared in the same run, each file decoded by greedy and then by each draft in turn; the
-analysis below the table is the first draft's. Then the napkin math: the
+analysis below the table is the first draft's. `--oracle` adds a draft that replays each file's
+greedy tokens and runs no model (oracle.py): the ceiling of drafting in this loop. Then the napkin math: the
 bytes a draft step and a main step read, and the speedup the measured acceptance and costs
 predict for the decoder (E[tokens per round] / cost of a round, with the γ the controller chose).
 """
