@@ -19,16 +19,19 @@ weights are fp16 numbers (the offline CTranslate2 files store fp16; most hub che
 trained or exported in fp16), so an fp16 copy of such a weight holds exactly the same values
 in half the bytes. fbgemm's fp16 GEMM reads those, converts them to fp32 and multiplies and
 accumulates in fp32: the same fp32 product, summed in another order. A base decoder step
-streams 88 MB of block weights; at half the bytes a step (blocks and screened projection)
-took 9.0 instead of 12.1 ms on the development machine (median, interleaved runs). A weight with any value that is not an fp16 number (an fp32 fine-tune)
-keeps the oneDNN fp32 path, so no weight is ever rounded. The encoder stays on oneDNN: its
-1500-row products are bound by arithmetic, not by bytes, and run ~10 % faster there.
+streams 88 MB of block weights; at half the bytes a greedy step took 10.8 instead of 14.2 ms
+on the development machine (benchmarks/bench_greedy.py, the `fp32 blocks` column). A weight
+with any value that is not an fp16 number (an fp32 fine-tune) keeps the oneDNN fp32 path, so
+no weight is ever rounded. The encoder stays on oneDNN: its 1500-row products are bound by
+arithmetic, not by bytes, and run ~10 % faster there.
 
 The swap happens after loading (like gpt-fast's quantization pass), so the model
 file keeps plain `nn.Linear` layers and still loads any checkpoint.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -97,11 +100,11 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def decoder_linear(weight: Tensor, bias: Tensor | None) -> PackedLinear:
+def decoder_linear(weight: Tensor, bias: Tensor | None, half_weights: bool = True) -> PackedLinear:
     """A decoder block's linear, whose rows must come out with the same bits however many are computed
     together (a verify pass reproduces greedy steps): fp16 weights through fbgemm where that is exact
-    and fbgemm runs, else oneDNN fp32 in slices narrow enough for that."""
-    if fp16_gemm_available() and holds_fp16_values(weight):
+    and fbgemm runs (unless `half_weights` is False), else oneDNN fp32 in slices narrow enough for that."""
+    if half_weights and fp16_gemm_available() and holds_fp16_values(weight):
         return PackedLinear(weight, bias, half_weights=True)
     return PackedLinear(weight, bias, max_in_per_call=ONEDNN_ROW_EXACT_WIDTH)
 
@@ -129,7 +132,7 @@ def prepack_linears(network: Whisper, half_weights: bool = True) -> Whisper:
     linears hold fp16 weights where that is exact (`decoder_linear`; `half_weights=False`: never, for
     comparisons). Where fbgemm runs, the decoder also gets an fp16 screen of its output projection
     (specwhisper.screening)."""
-    make_decoder_linear = decoder_linear if half_weights else PackedLinear
+    make_decoder_linear = functools.partial(decoder_linear, half_weights=half_weights)
     for block in network.encoder.blocks:
         fuse_qkv(block.attn)
     for block in network.decoder.blocks:
