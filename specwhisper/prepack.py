@@ -19,7 +19,7 @@ weights are fp16 numbers (the offline CTranslate2 files store fp16; most hub che
 trained or exported in fp16), so an fp16 copy of such a weight holds exactly the same values
 in half the bytes. fbgemm's fp16 GEMM reads those, converts them to fp32 and multiplies and
 accumulates in fp32: the same fp32 product, summed in another order. A base decoder step
-streams 88 MB of block weights; at half the bytes a greedy step took 10.8 instead of 14.2 ms
+streams 88 MB of block weights; at half the bytes a greedy step took 9.2 instead of 12.8 ms
 on the development machine (benchmarks/bench_greedy.py, the `fp32 blocks` column). A weight
 with any value that is not an fp16 number (an fp32 fine-tune) keeps the oneDNN fp32 path, so
 no weight is ever rounded. The encoder stays on oneDNN: its 1500-row products are bound by
