@@ -246,7 +246,7 @@ def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int
                            for name, m in model.network.decoder.blocks.named_modules()
                            if isinstance(m, PackedLinear) and m.half_weights
                            and not name.endswith(("cross_attn.key", "cross_attn.value")))  # those run once per window
-    screened_bytes = total_bytes - half_block_bytes - \
+    ours_bytes = total_bytes - half_block_bytes - \
         (parts["output projection"] // 2 if model.network.decoder.screened_head else 0)
     read_gbs, copy_gbs = bandwidth
     floor_ms = 1e3 * total_bytes / (read_gbs * 1e9)
@@ -254,12 +254,12 @@ def report(name: str, model: SpeechModel, runs: dict[str, Timings], n_clips: int
           + f" = {total_bytes / 1e6:.1f} MB read")
     print(f"  memory bandwidth measured here: {read_gbs:.1f} GB/s read (sum), {copy_gbs:.1f} GB/s copy "
           f"(read + write) -> floor {floor_ms:.2f} ms/step at the read bandwidth")
-    if screened_bytes != total_bytes:
-        print(f"  with the fp16 screen and fp16-held block weights specwhisper reads {screened_bytes / 1e6:.1f} MB "
-              f"per step: floor {1e3 * screened_bytes / (read_gbs * 1e9):.2f} ms/step")
-    for label, t, nbytes in (("specwhisper", ours, screened_bytes),
-                             ("no screen", unscreened, screened_bytes + parts["output projection"] // 2),
-                             ("fp32 blocks", fp32_blocks, screened_bytes + half_block_bytes),
+    if ours_bytes != total_bytes:
+        print(f"  with the fp16 screen and fp16-held block weights specwhisper reads {ours_bytes / 1e6:.1f} MB "
+              f"per step: floor {1e3 * ours_bytes / (read_gbs * 1e9):.2f} ms/step")
+    for label, t, nbytes in (("specwhisper", ours, ours_bytes),
+                             ("no screen", unscreened, ours_bytes + parts["output projection"] // 2),
+                             ("fp32 blocks", fp32_blocks, ours_bytes + half_block_bytes),
                              ("no prepack", plain, total_bytes), ("transformers", hf, total_bytes)):
         gbs = nbytes / (t.ms_per_step * 1e-3) / 1e9 if t.passes else 0.0
         print(f"  {label:>12}: {t.ms_per_step:6.2f} ms/step -> {gbs:5.1f} GB/s implied "
