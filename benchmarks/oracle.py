@@ -71,7 +71,6 @@ class _ReplayDecoder(nn.Module):
     def __init__(self, main: SpeechModel, table: dict[tuple[int, ...], int]):
         super().__init__()
         self.token_embedding = main.network.decoder.token_embedding  # device and dtype for the loop
-        self.output_projection = None
         self.table = table
         self.n_vocab = main.dims.n_vocab
         self.fed: list[list[int]] = []
