@@ -17,7 +17,7 @@ to our greedy, the encoder's share, and for speculative: acceptance (accepted / 
 tokens per main-model pass, mean γ, draft ms per drafted token, verify ms per pass, the
 acceptance histogram, and whether the transcripts equal greedy's. Several drafts (`--draft A B`) are
 compared in the same run, each file decoded by greedy and then by each draft in turn; the
-analysis below the table is the first draft's. `--oracle` adds a draft that replays each file's
+analysis below the table is the first draft's. `--oracle` adds a drafter that replays each file's
 greedy tokens and runs no model (oracle.py): the ceiling of drafting in this loop. Then the napkin math: the
 bytes a draft step and a main step read, and the speedup the measured acceptance and costs
 predict for the decoder (E[tokens per round] / cost of a round, with the γ the controller chose).
@@ -30,18 +30,18 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from common import print_table, read_manifest
-from oracle import oracle_assistant, record_fed_tokens
+from oracle import GreedyRecorder, OracleDrafter
 from specwhisper import audio, load_model
+from specwhisper.assistants import make_assistant, resolve_auto_assistant
 from specwhisper.decoding import DecodeStats
-from specwhisper.draft import Int8Linear, ShortlistHead, load_draft, uses_features
-from specwhisper.prepack import PackedLinear
-from specwhisper.speculative import make_assistant, resolve_auto_assistant
+from specwhisper.draft import ShortlistHead
+from specwhisper.draft_files import load_draft
+from specwhisper.prepack import Int8Linear, PackedLinear
 from specwhisper.weights.resolve import cache_dir
 
 BYTES_FP32 = 4
@@ -127,17 +127,14 @@ def main() -> None:
     stats = {m: DecodeStats() for m in methods}
     for _ in range(args.repeats):
         for name, samples_ in samples.items():
-            oracle = None
+            if args.oracle:  # greedy's tokens for this file, recorded in an untimed run
+                recorder = GreedyRecorder()
+                model.transcribe(samples_, assistant=recorder, **options)
+                methods[ORACLE] = OracleDrafter(recorder.sequences, model.tokenizer.eot)
             for method, helper in methods.items():
-                if method == ORACLE:
-                    helper = oracle
-                recording = record_fed_tokens(model) if method == "greedy" and args.oracle else nullcontext()
                 started = time.perf_counter()
-                with recording as fed:
-                    result = model.transcribe(samples_, assistant=helper, **options)
+                result = model.transcribe(samples_, assistant=helper, **options)
                 seconds[method] += time.perf_counter() - started
-                if fed is not None:
-                    oracle = oracle_assistant(model, fed)
                 results[method][name] = result
                 stats[method].add(result.stats)
 
@@ -222,7 +219,7 @@ def napkin(model, draft, g: DecodeStats, s: DecodeStats) -> None:
     decoder = draft.network.decoder
     head = decoder.output_projection
     # Blocks, the feature fusion (if any) and the head, each counted once.
-    draft_bytes = weight_bytes(decoder.blocks) + (weight_bytes(decoder.fuse) if uses_features(draft.network) else 0)
+    draft_bytes = weight_bytes(decoder.blocks) + (weight_bytes(decoder.fuse) if decoder.reads_features else 0)
     if head is None or head is model.network.decoder.output_projection:
         draft_bytes += embedding_bytes
     elif isinstance(head, ShortlistHead) and head.packed is None:  # its rows are a buffer, not a linear
@@ -247,12 +244,11 @@ def verify_costs(model, samples, max_positions: int = 8, repeats: int = 12) -> t
     """(fixed, per extra position) seconds of a main-model verify pass on a real window: the decoder
     over T positions plus the logits verification reads, fitted by least squares over T = 1..max,
     with the sizes interleaved so that background load hits each alike."""
-    from specwhisper.decoding import DecodingOptions, prefill, step_logits
-    from specwhisper.speculative import run_blocks
-    from specwhisper.transcribe import encode_audio, first_window_mel
+    from specwhisper.decoding import DecodingOptions, forward_ragged, prefill, step_logits
+    from specwhisper.transcribe import encode_audio
 
     network, tokenizer = model.network, model.tokenizer
-    audio_kv, _ = encode_audio(model, first_window_mel(model, samples)[None])
+    audio_kv, _ = encode_audio(model, audio.first_window_mel(samples, model.dims.n_mels)[None])
     cache = network.new_cache(1)
     prompt = tokenizer.sot_sequence("en", "transcribe", timestamps=True)
     prefill(network, audio_kv, [prompt], cache)
@@ -263,7 +259,7 @@ def verify_costs(model, samples, max_positions: int = 8, repeats: int = 12) -> t
     for _ in range(repeats):
         for n in range(1, max_positions + 1):
             started = time.perf_counter()
-            hidden = run_blocks(model, audio_kv, cache, [block[:n]], filler=tokenizer.eot)
+            hidden = forward_ragged(network.decoder, audio_kv, cache, [block[:n]])
             step_logits(network, hidden.reshape(-1, hidden.shape[-1]), options)
             times.append(time.perf_counter() - started)
             sizes.append(n - 1)

@@ -42,10 +42,10 @@ import torch
 
 from common import read_manifest
 from specwhisper import audio, load_model
-from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, autoregressive_decode, build_prompts,
-                                  resolve_languages)
-from specwhisper.loading import SpeechModel
+from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, autoregressive_decode,
+                                  build_prompts, resolve_languages)
 from specwhisper.prepack import PackedLinear, prepack_linears
+from specwhisper.speech_model import SpeechModel
 
 BYTES_FP32 = 4
 BANDWIDTH_BUFFER_BYTES = 256 * 2**20  # far beyond the last-level cache (32 MB on the dev box)
@@ -101,7 +101,8 @@ def run_ours(model: SpeechModel, clips: list[np.ndarray], language: str | None, 
     rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                        model.dims.n_vocab)
     stats = DecodeStats()
-    results = autoregressive_decode(network, model.tokenizer, audio_kv, rules, prompts, options, stats)
+    window = WindowBatch(mel, features, audio_kv, prompts, languages, rules, options)
+    results = autoregressive_decode(network, model.tokenizer, window, stats)
     finished = time.perf_counter()
     timings.log_mel += encoding - started
     timings.encoder += decoding - encoding

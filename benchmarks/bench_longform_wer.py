@@ -109,7 +109,7 @@ def main() -> None:
         texts, seconds, note = run_specwhisper(ours, rows)
         score(name, "specwhisper", texts, seconds, note)
         if args.assistant:
-            from specwhisper.speculative import load_assistant
+            from specwhisper.assistants import load_assistant
 
             assistant = load_assistant(ours, args.assistant)
             texts, seconds, note = run_specwhisper(ours, rows, assistant)

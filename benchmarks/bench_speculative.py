@@ -22,9 +22,9 @@ import torch
 
 from common import print_table, read_manifest
 from specwhisper import audio, load_model
+from specwhisper.assistants import load_assistant
 from specwhisper.decoding import DecodeStats, DecodingOptions
-from specwhisper.speculative import load_assistant
-from specwhisper.transcribe import decode_window, first_window_mel
+from specwhisper.transcribe import decode_window
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
 
     main_model = load_model(args.main)
     rows = read_manifest(args.folder)[: args.limit]
-    mels = [first_window_mel(main_model, audio.load_audio(r["path"])) for r in rows]
+    mels = [audio.first_window_mel(audio.load_audio(r["path"]), main_model.dims.n_mels) for r in rows]
     batches = [torch.stack(mels[i:i + args.batch]) for i in range(0, len(mels), args.batch)]
     options = DecodingOptions(language=args.language)
     print(f"main {args.main} | {len(rows)} clips of ../shared/audio/{args.folder} | batch {args.batch} | "

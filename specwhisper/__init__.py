@@ -1,6 +1,7 @@
 """specwhisper: Whisper in plain PyTorch, made faster by exact speculative decoding."""
 
-from .loading import SpeechModel, load_model
+from .loading import load_model
+from .speech_model import SpeechModel
 from .transcribe import Transcription, transcribe
 
 __all__ = ["load_model", "transcribe", "SpeechModel", "Transcription"]

@@ -12,10 +12,13 @@ All tensors are (batch, heads, length, head_dim).
   before it). Keys past that are stale or unwritten slots and are masked.
 - `cross_attention`: decoder queries against the encoder output's K/V, no mask.
 - `encoder_attention`: encoder self-attention, no mask.
+- `causal_attention`: queries, keys and values of one block with a causal mask and no
+  cache (a draft's training forward).
 
-After the prompt the decoder asks the first two for `independent_positions`: on the
-CPU each (row, new position) is then computed in a call of its own, so a position's
-result does not depend on how many are verified together (`one_position_at_a_time`).
+Exactness is state, set once per decoder pass: inside `positions_computed_alone(True)`
+(the main decoder after its prompt) the CPU path computes each (row, new position) in a
+call of its own, so a position's result does not depend on how many are verified together
+(`one_position_at_a_time`; why: docs/exactness.md).
 
 Backends
 --------
@@ -41,6 +44,7 @@ import re
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from types import SimpleNamespace
 from typing import Callable, Iterator
@@ -57,6 +61,7 @@ _backend = "auto"
 _last_used: dict[str, str] = {}  # kind -> backend that ran its latest call
 _call_counts: Counter[tuple[str, str]] = Counter()  # (kind, backend) -> calls
 _auto_disabled: dict[str, str] = {}  # kind -> error that made "auto" give up on Triton
+_positions_alone: ContextVar[bool] = ContextVar("positions_alone", default=False)
 
 
 # ----------------------------------------------------------------------------
@@ -222,21 +227,24 @@ def causal_cache_mask(q_start: Tensor, n_new: int, n_keys: int) -> Tensor:
     return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (B, 1, T, S)
 
 
-def one_position_at_a_time(q: Tensor, independent_positions: bool) -> bool:
-    """Whether the PyTorch path must compute each (row, new position) in a call of its own.
+@contextmanager
+def positions_computed_alone(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, give every (row, new position) the bits it would get alone (see the module doc)."""
+    token = _positions_alone.set(enabled)
+    try:
+        yield
+    finally:
+        _positions_alone.reset(token)
 
-    Why: SDPA's CPU kernels sum in an order that depends on how many queries (and rows) one call
-    holds, so a verify pass over γ+1 positions gave hidden states a few ulps away from the same
-    positions decoded one step at a time (up to 5e-4 on base's ~275-norm hidden states after six
-    layers), and a near-tie between the two best tokens could then go the other way. Computed one
-    position at a time, every position after the prompt gets the bits a single greedy step gives it,
-    so speculative decoding reproduces greedy decoding bit for bit (tests/test_exactness.py). The
-    cost is the verify pass re-reading each layer's K/V once per extra position, mostly from the
-    last-level cache: ~1.5 ms per extra position for base's six layers on the dev box, ~15 % of a
-    pass (0.5 ms batched). Only on the CPU: on a GPU the fused kernels decide, and many tiny
-    launches would cost more.
+
+def one_position_at_a_time(q: Tensor) -> bool:
+    """Whether the PyTorch path must compute each (row, new position) of q (B, H, T, D) in a call of its own.
+
+    SDPA's CPU kernels sum in an order that depends on how many queries and rows one call holds; one
+    call per position gives each the bits of a one-token greedy step. Only on the CPU: on a GPU the
+    fused kernels decide, and many tiny launches would cost more.
     """
-    return independent_positions and q.device.type == "cpu" and q.shape[0] * q.shape[2] > 1
+    return _positions_alone.get() and q.device.type == "cpu" and q.shape[0] * q.shape[2] > 1
 
 
 def _each_position(q: Tensor, attend: Callable[[int, int], Tensor]) -> Tensor:
@@ -245,13 +253,11 @@ def _each_position(q: Tensor, attend: Callable[[int, int], Tensor]) -> Tensor:
 
 
 def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
-                   uniform_start: int | None = None, independent_positions: bool = False) -> Tensor:
+                   uniform_start: int | None = None) -> Tensor:
     """q: (B, H, T, D); k_cache, v_cache: (B, H, S_max, D); q_start: (B,) int64.
 
     `uniform_start` is q_start's value when every row shares it (a Python int the
     caller already knows), which lets a single-token step skip building a mask.
-    independent_positions: every (row, position) gets the bits it would get alone
-    (`one_position_at_a_time`); the decoder asks for it after the prompt.
     Returns (B, H, T, D).
     """
     n_new = q.shape[2]
@@ -264,7 +270,7 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
         if out is not None:
             return out
     _record("self", "torch")
-    if one_position_at_a_time(q, independent_positions):
+    if one_position_at_a_time(q):
         starts = q_start.tolist()  # the CPU only: no device sync
         # Query i of a row sees keys 0 .. start + i, exactly as a one-token step does (no mask).
         return _each_position(q, lambda row, i: F.scaled_dot_product_attention(
@@ -283,15 +289,14 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def cross_attention(q: Tensor, k: Tensor, v: Tensor, independent_positions: bool = False) -> Tensor:
-    """q: (B, H, T, D); k, v: (B, H, S_audio, D). Returns (B, H, T, D).
-    independent_positions: as for `self_attention`."""
+def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q: (B, H, T, D); k, v: (B, H, S_audio, D). Returns (B, H, T, D)."""
     if _choose("cross", q, k, v) == "triton":
         out = _run_triton("cross", lambda kern: kern.cross.cross_attention(q, k, v))
         if out is not None:
             return out
     _record("cross", "torch")
-    if one_position_at_a_time(q, independent_positions):
+    if one_position_at_a_time(q):
         return _each_position(q, lambda row, i: F.scaled_dot_product_attention(
             q[row:row + 1, :, i:i + 1], k[row:row + 1], v[row:row + 1]))
     return F.scaled_dot_product_attention(q, k, v)
@@ -305,3 +310,8 @@ def encoder_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return out
     _record("encoder", "torch")
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q, k, v: (B, H, T, D) of one block, query i seeing keys 0 .. i. Returns (B, H, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)

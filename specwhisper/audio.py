@@ -270,20 +270,7 @@ def resample(audio: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     n_out = -(-audio.size * up // down)  # ceil
-
-    nyquist = min(orig_sr, new_sr) / 2
-    transition_hz = (1.0 - RESAMPLE_PASSBAND) * nyquist
-    cutoff = (1.0 + RESAMPLE_PASSBAND) / 2 * nyquist / orig_sr  # cycles per input sample
-    # Kaiser: taps ~ (A - 7.95) / (2.285 * transition in radians per sample); beta from A.
-    n_taps = (RESAMPLE_STOPBAND_DB - 7.95) / (2.285 * 2 * math.pi * transition_hz / orig_sr)
-    half_width = n_taps / 2  # in input samples
-    beta = 0.1102 * (RESAMPLE_STOPBAND_DB - 8.7)
-
-    def kernel(t: np.ndarray) -> np.ndarray:
-        """Impulse response at offsets t (input samples), float64; unit gain at DC."""
-        inside = np.clip(1.0 - (t / half_width) ** 2, 0.0, None)
-        window = np.i0(beta * np.sqrt(inside)) / np.i0(beta) * (np.abs(t) <= half_width)
-        return 2 * cutoff * np.sinc(2 * cutoff * t) * window
+    kernel, half_width = _resampling_kernel(orig_sr, new_sr)
 
     # A block of `up` outputs is one row of a matrix product. With few phases
     # (48 kHz -> 16 kHz has one) that product degenerates to matrix-vector, so
@@ -301,40 +288,73 @@ def resample(audio: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     # (+ 2: the direct path below may touch up to two samples past the last block's taps.)
     padded = np.zeros(pad_left + (n_blocks - 1) * down + taps + 2, dtype=np.float32)
     padded[pad_left:pad_left + audio.size] = audio
-
-    out = np.empty(n_blocks * up, dtype=np.float32)
     if up * taps <= RESAMPLE_MAX_TABLE:
-        # table[i, j]: weight of input (block start + lo + i) for output phase j,
-        # whose time is j * down / up input samples after the block start.
-        offsets = np.arange(lo, hi + 1, dtype=np.float64)
-        phase_times = np.arange(up, dtype=np.float64) * down / up
-        table = kernel(phase_times[None, :] - offsets[:, None]).astype(np.float32)  # (taps, up)
-        stride = padded.strides[0]
-        per_pass = max(1, RESAMPLE_BLOCK_FLOATS // taps)
-        for b0 in range(0, n_blocks, per_pass):
-            b1 = min(b0 + per_pass, n_blocks)
-            frames = np.lib.stride_tricks.as_strided(
-                padded[b0 * down:], shape=(b1 - b0, taps), strides=(down * stride, stride))
-            out[b0 * up:b1 * up] = (frames @ table).reshape(-1)  # (blocks, up) -> flat
+        out = _resample_polyphase(padded, kernel, up, down, lo, hi, n_blocks)
     else:
-        # Too many distinct phases to tabulate exactly (e.g. 44101 Hz): tabulate the
-        # kernel at RESAMPLE_FINE_PHASES fractional offsets per input sample and
-        # interpolate linearly between neighbours (error ~1e-6 of full scale).
-        reach = math.ceil(half_width)
-        span = np.arange(2 * reach + 2)  # inputs floor(t) - reach .. floor(t) + reach + 1
-        fine = np.arange(RESAMPLE_FINE_PHASES + 1, dtype=np.float64) / RESAMPLE_FINE_PHASES
-        fine_table = kernel(fine[:, None] + reach - span[None, :]).astype(np.float32)  # (P + 1, span)
-        per_pass = max(1, RESAMPLE_BLOCK_FLOATS // (4 * span.size))
-        for n0 in range(0, n_out, per_pass):
-            n = np.arange(n0, min(n0 + per_pass, n_out), dtype=np.int64)
-            whole, part = np.divmod(n * down, up)  # output time = whole + part / up input samples
-            position = part * RESAMPLE_FINE_PHASES / up
-            row = position.astype(np.int64)
-            blend = (position - row).astype(np.float32)[:, None]
-            weights = fine_table[row] * (1 - blend) + fine_table[row + 1] * blend  # (block, span)
-            index = (whole - reach + pad_left)[:, None] + span[None, :]
-            out[n0:n0 + n.size] = np.einsum("ij,ij->i", padded[index], weights)
+        out = _resample_interpolated(padded, kernel, half_width, up, down, pad_left, n_out)
     return out[:n_out]
+
+
+def _resampling_kernel(orig_sr: int, new_sr: int):
+    """The Kaiser-windowed sinc of `resample` and its half width in input samples. kernel(t): the impulse
+    response at offsets t (input samples), float64, unit gain at DC."""
+    nyquist = min(orig_sr, new_sr) / 2
+    transition_hz = (1.0 - RESAMPLE_PASSBAND) * nyquist
+    cutoff = (1.0 + RESAMPLE_PASSBAND) / 2 * nyquist / orig_sr  # cycles per input sample
+    # Kaiser: taps ~ (A - 7.95) / (2.285 * transition in radians per sample); beta from A.
+    n_taps = (RESAMPLE_STOPBAND_DB - 7.95) / (2.285 * 2 * math.pi * transition_hz / orig_sr)
+    half_width = n_taps / 2
+    beta = 0.1102 * (RESAMPLE_STOPBAND_DB - 8.7)
+
+    def kernel(t: np.ndarray) -> np.ndarray:
+        inside = np.clip(1.0 - (t / half_width) ** 2, 0.0, None)
+        window = np.i0(beta * np.sqrt(inside)) / np.i0(beta) * (np.abs(t) <= half_width)
+        return 2 * cutoff * np.sinc(2 * cutoff * t) * window
+
+    return kernel, half_width
+
+
+def _resample_polyphase(padded: np.ndarray, kernel, up: int, down: int, lo: int, hi: int, n_blocks: int
+                        ) -> np.ndarray:
+    """Every output from a table of the kernel's `up` phases, a matrix product per pass of blocks."""
+    taps = hi - lo + 1
+    # table[i, j]: weight of input (block start + lo + i) for output phase j,
+    # whose time is j * down / up input samples after the block start.
+    offsets = np.arange(lo, hi + 1, dtype=np.float64)
+    phase_times = np.arange(up, dtype=np.float64) * down / up
+    table = kernel(phase_times[None, :] - offsets[:, None]).astype(np.float32)  # (taps, up)
+    out = np.empty(n_blocks * up, dtype=np.float32)
+    stride = padded.strides[0]
+    per_pass = max(1, RESAMPLE_BLOCK_FLOATS // taps)
+    for b0 in range(0, n_blocks, per_pass):
+        b1 = min(b0 + per_pass, n_blocks)
+        frames = np.lib.stride_tricks.as_strided(
+            padded[b0 * down:], shape=(b1 - b0, taps), strides=(down * stride, stride))
+        out[b0 * up:b1 * up] = (frames @ table).reshape(-1)  # (blocks, up) -> flat
+    return out
+
+
+def _resample_interpolated(padded: np.ndarray, kernel, half_width: float, up: int, down: int, pad_left: int,
+                           n_out: int) -> np.ndarray:
+    """For ratios with too many distinct phases to tabulate exactly (e.g. 44101 Hz): the kernel tabulated
+    at RESAMPLE_FINE_PHASES fractional offsets per input sample, interpolated linearly between
+    neighbours (error ~1e-6 of full scale)."""
+    reach = math.ceil(half_width)
+    span = np.arange(2 * reach + 2)  # inputs floor(t) - reach .. floor(t) + reach + 1
+    fine = np.arange(RESAMPLE_FINE_PHASES + 1, dtype=np.float64) / RESAMPLE_FINE_PHASES
+    fine_table = kernel(fine[:, None] + reach - span[None, :]).astype(np.float32)  # (P + 1, span)
+    out = np.empty(n_out, dtype=np.float32)
+    per_pass = max(1, RESAMPLE_BLOCK_FLOATS // (4 * span.size))
+    for n0 in range(0, n_out, per_pass):
+        n = np.arange(n0, min(n0 + per_pass, n_out), dtype=np.int64)
+        whole, part = np.divmod(n * down, up)  # output time = whole + part / up input samples
+        position = part * RESAMPLE_FINE_PHASES / up
+        row = position.astype(np.int64)
+        blend = (position - row).astype(np.float32)[:, None]
+        weights = fine_table[row] * (1 - blend) + fine_table[row + 1] * blend  # (block, span)
+        index = (whole - reach + pad_left)[:, None] + span[None, :]
+        out[n0:n0 + n.size] = np.einsum("ij,ij->i", padded[index], weights)
+    return out
 
 
 # --------------------------------------------------------------------------- padding
@@ -492,3 +512,9 @@ def mel_window(mel: torch.Tensor, content_frames: int, seek: int) -> torch.Tenso
         raise ValueError(f"seek {seek} is outside the {content_frames} content frames")
     segment = mel[:, seek:seek + min(N_FRAMES, content_frames - seek)]
     return pad_or_trim(segment, N_FRAMES)
+
+
+def first_window_mel(samples: np.ndarray, n_mels: int = 80) -> torch.Tensor:
+    """(n_mels, 3000) features of the first 30 s, as `log_mel_windows` and `mel_window` cut them."""
+    mel, content_frames = log_mel_windows(samples, n_mels=n_mels)
+    return mel_window(mel, content_frames, 0)

@@ -1,8 +1,9 @@
-"""`specwhisper transcribe FILE...`: transcripts on stdout, everything else on stderr.
+"""`specwhisper transcribe FILE...` and `specwhisper distill ...`: one parser, one exit-status rule.
 
-stdout holds only the transcripts (one line per file, or one line per segment with
---timestamps), so a greedy run and a speculative run can be compared with `diff`.
-Subtitle and JSON files are written only when --output_format or --output_dir asks.
+transcribe: stdout holds only the transcripts (one line per file, or one line per segment with
+--timestamps), so a greedy run and a speculative run can be compared with `diff`. Subtitle and
+JSON files are written only when --output_format or --output_dir asks.
+distill: trains a draft (specwhisper.distill) and prints the folder it saved it to.
 Bad input ends with one line on stderr and a non-zero exit status, never a traceback.
 """
 
@@ -16,12 +17,9 @@ from .errors import SpecWhisperError
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
-# `auto` finds the distilled draft shipped for base (specwhisper/assets/drafts) or one the user
-# made; with no draft for the model it decodes without an assistant (and says so only when
-# --assistant auto was given explicitly). It is not the default: on the 2-core CPU this project is
-# measured on, base's greedy step (9.6 ms, fp16-held block weights) and bit-exact verification
-# (attention one position at a time) leave the shipped draft slower than plain greedy (0.88x on
-# ../shared/audio/long, benchmarks/bench_distilled.py).
+# `auto` finds the distilled draft made for the model (shipped for base, or the user's own); with none
+# it decodes without an assistant. Not the default while the shipped draft does not pay on the CPU
+# (docs/benchmarks.md).
 DEFAULT_ASSISTANT = "none"
 
 
@@ -46,11 +44,15 @@ def _flag(name: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specwhisper", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="specwhisper", description="Whisper speech recognition, made faster by "
+                                     "exact speculative decoding.")
     commands = parser.add_subparsers(dest="command", required=True)
-    # Listed for --help; `main` hands `specwhisper distill ...` to specwhisper.distill's own parser.
-    commands.add_parser("distill", add_help=False,
-                        help="distil a small draft from a model for speculative decoding (see distill --help)")
+    add_transcribe_command(commands)
+    add_distill_command(commands)
+    return parser
+
+
+def add_transcribe_command(commands) -> None:
     t = commands.add_parser(
         "transcribe", help="transcribe audio files of any length",
         description="Transcribe whole recordings in 30-s windows, as openai-whisper's transcribe does.")
@@ -104,7 +106,60 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--draft-length", type=int, default=None, help="tokens drafted per main-model pass (speculative)")
     t.add_argument("--trace", action="store_true", help="print each transcript token by token on stderr, "
                    "marking drafted tokens and corrections")
-    return parser
+
+
+def add_distill_command(commands) -> None:
+    d = commands.add_parser(
+        "distill", help="distil a small draft from a model for speculative decoding",
+        description="Distil a shallow decoder-only draft from a Whisper model, for exact speculative decoding.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--main", default="base", help="the main model: a name, hub id or folder")
+    d.add_argument("--audio", nargs="+", required=True, metavar="DIR",
+                   help="folders (searched recursively) or files of unlabelled audio to learn from")
+    d.add_argument("--out", required=True, help="folder to write draft.json and draft.safetensors into")
+    d.add_argument("--layers", type=int, default=2, help="decoder blocks in the draft")
+    d.add_argument("--from-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="main decoder layers the blocks start from, one per block (default: spread from first to "
+                   "last, e.g. 0 5 for 2 of base's 6)")
+    d.add_argument("--head", choices=("full", "shortlist", "lowrank"), default="shortlist",
+                   help="output head: the main model's tied projection, a shortlist of the tokens it emits, or a "
+                   "low-rank factorisation")
+    d.add_argument("--shortlist-size", type=int, default=8192, help="tokens in a shortlist head")
+    d.add_argument("--rank", type=int, default=64, help="rank of a low-rank head")
+    d.add_argument("--epochs", type=int, default=8, help="training epochs at most")
+    d.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    d.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step")
+    d.add_argument("--ce-weight", type=float, default=0.5,
+                   help="weight of cross-entropy on the teacher's greedy token, added to the KL")
+    d.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of matching the main model's final hidden states")
+    d.add_argument("--features", action="store_true",
+                   help="the draft also reads the main model's hidden state of the previous position, which "
+                   "verification computes anyway (EAGLE-style): much higher agreement")
+    d.add_argument("--feedback-weight", type=float, default=1.0,
+                   help="with --features: weight of a second training pass fed the draft's own hidden states, as "
+                   "when it drafts several tokens ahead")
+    d.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
+    d.add_argument("--val-fraction", type=float, default=0.15, help="fraction of the files held out for validation")
+    d.add_argument("--speeds", type=float, nargs="*", default=[0.9, 1.1],
+                   help="speed perturbations, one extra copy of each clip per value")
+    d.add_argument("--crops", type=int, default=1, help="random crops per clip")
+    d.add_argument("--concat-passes", type=int, default=2,
+                   help="times each language's clips are packed into full 30-s windows")
+    d.add_argument("--top-k", type=int, default=64, help="teacher log-probabilities kept per position")
+    d.add_argument("--max-new-tokens", type=int, default=224, help="tokens the teacher may write per window")
+    d.add_argument("--eval-audio", nargs="*", default=[], metavar="DIR",
+                   help="recordings never trained on: report agreement on their consecutive 30-s windows")
+    d.add_argument("--storage-dtype", choices=("float32", "float16", "int8-delta"), default="float32",
+                   help="how the draft's tensors are saved: float32 (reloads bit-identically), float16, or "
+                   "int8-delta (int8 changes from the main model's layers: 1/4 the size)")
+    d.add_argument("--init", default=None, metavar="DRAFT",
+                   help="start from this saved draft (its layers, head and features) instead of the main model's "
+                   "layers: to adapt a draft to more or other audio")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    d.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentation and training")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def say(message: str) -> None:
@@ -192,7 +247,7 @@ def _transcribe_files(args: argparse.Namespace) -> int:
 def resolve_assistant(model, choice: str, draft_length: int | None, explicit: bool):
     """--assistant: None for 'none'; for 'auto', the draft made for this model or None (said on stderr
     when the user asked for auto by name); otherwise the named model or draft folder, checked."""
-    from .speculative import load_assistant, resolve_auto_assistant
+    from .assistants import load_assistant, resolve_auto_assistant
 
     if choice.lower() == "none":
         return None
@@ -236,16 +291,39 @@ def _refresh(progress) -> None:
         progress.refresh()
 
 
+def run_distill(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from .distill import DistillOptions, distill
+    from .distill.data import AugmentOptions
+    from .distill.train import TrainOptions
+    from .loading import load_model
+
+    torch.manual_seed(args.seed)
+    # fp32 everywhere: the draft trains in the main model's dtype, and fp16 training is unstable.
+    main_model = load_model(args.main, device=args.device, dtype="float32")
+    options = DistillOptions(
+        layers=args.layers, from_layers=tuple(args.from_layers) if args.from_layers else None, head=args.head,
+        shortlist_size=args.shortlist_size, rank=args.rank, val_fraction=args.val_fraction, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, storage_dtype=args.storage_dtype, features=args.features, init=args.init,
+        augment=AugmentOptions(speeds=tuple(args.speeds), crops=args.crops, concat_passes=args.concat_passes),
+        train=TrainOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, ce_weight=args.ce_weight,
+                           hidden_weight=args.hidden_weight, feedback_weight=args.feedback_weight,
+                           patience=args.patience, seed=args.seed))
+    distill(main_model, args.audio, args.out, options, resume=args.resume, progress=not args.no_progress,
+            eval_audio=args.eval_audio, command="specwhisper " + " ".join(argv), log=say)
+    print(args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["distill"]:  # its own parser: specwhisper.distill
-        from .distill import distill_main
-
-        return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "transcribe":
             return run_transcribe(args)
+        if args.command == "distill":
+            return run_distill(args, argv)
     except (SpecWhisperError, ValueError) as err:
         say(f"specwhisper: error: {err}")
         return EXIT_BAD_INPUT

@@ -1,34 +1,39 @@
-"""Greedy decoding of 30-s windows, built from small functions with explicit state.
+"""Decoding a batch of 30-s windows, built from small functions with explicit state.
 
 The pieces, each usable alone:
-  - `LogitRules`: which tokens may come next given the tokens so far (suppressed
-    tokens, blank suppression at the start, Whisper's timestamp rules). A pure
-    function of (logits, generated tokens): speculative verification applies it
-    at every drafted position with that position's own prefix.
-  - `detect_language`: language-token probabilities at the start of transcript.
-  - `prefill`: run the start-of-transcript prompts (of any lengths) into a fresh cache.
-  - `autoregressive_decode`: prefill, then one token per step (greedy, or sampled
-    at temperature > 0) until end-of-text or the 448-token context.
-  - `choose_token`: the argmax, or a sample at temperature > 0.
-  - `step_logits` / `settle_logprobs`: greedy steps on the CPU choose from an fp16 screen of
-    the output projection, exactly (specwhisper.screening); log-probabilities are computed
-    exactly for the whole window at its end.
+  - `LogitRules`: which tokens may come next given the tokens so far (suppressed tokens, blank
+    suppression at the start, Whisper's timestamp rules). A pure function of (logits, generated
+    tokens): speculative verification applies it at every drafted position with its own prefix.
+  - `detect_language`, `resolve_languages`, `build_prompts`: what each row is prompted with.
+  - `WindowBatch`: a batch of windows ready to decode (audio K/V, prompts, rules, options).
+  - `forward_ragged`: one decoder pass in which every row feeds its own number of tokens.
+  - `begin_window`: prefill the prompts and decide each row's first token; `decide` one token
+    (rules, then the argmax or a sample, then recorded in the row's `RowProgress`).
+  - `autoregressive_decode`: one token per main-model pass until end-of-text or the context is
+    full; at temperature 0 the reference speculative decoding (specwhisper.speculative) equals.
+  - `step_logits` / `settle_logprobs`: greedy choices on the CPU come from an fp16 screen of the
+    output projection, exactly (specwhisper.screening); log-probabilities are computed exactly
+    for the whole window at its end.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .kv_cache import AudioKV, KVCache
-from .model import Whisper
 from .screening import ScreenedRow
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .model import Whisper
+    from .tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
+PAD_TOKEN = 0  # what short rows of a ragged pass are padded with (rolled back, never seen)
 
 
 @dataclass(frozen=True)
@@ -183,19 +188,30 @@ def detect_language(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV) -> 
     return [dict(zip(tokenizer.language_codes, row.tolist())) for row in probs]
 
 
-def prefill(model: Whisper, audio_kv: AudioKV, prompts: list[list[int]], cache: KVCache) -> Tensor:
-    """Run each row's prompt into an empty cache. Returns logits (B, V) after each row's last prompt token,
-    and the logits at each row's start-of-transcript position as a second output for no-speech detection."""
-    longest = max(len(p) for p in prompts)
-    device = audio_kv.keys[0].device
-    # Rows with shorter prompts are padded, then rolled back to their own lengths:
-    # the padded slots become stale cache entries that no later query can see.
-    padded = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
-    hidden = model.decoder(padded, audio_kv, cache)  # (B, T, C)
-    cache.rollback([len(p) for p in prompts])
-    rows = torch.arange(len(prompts), device=device)
-    last = model.decoder.logits(hidden[rows, torch.tensor([len(p) - 1 for p in prompts], device=device)])
-    return last.float(), hidden
+def forward_ragged(decoder, audio_kv: AudioKV, cache: KVCache, blocks: list[list[int]], **inputs) -> Tensor:
+    """One decoder pass in which row b feeds `blocks[b]` (lengths may differ, empty allowed) at its length.
+
+    Short rows are padded, then the cache rolls back to each row's real length: the padded slots
+    become stale entries that no later query can see, so what they hold does not matter. `decoder`: a
+    TextDecoder or a DraftDecoder; `inputs` go to it (a feature draft's `features`). Returns (B, T, C).
+    """
+    longest = max(len(block) for block in blocks)
+    starts = list(cache.lengths)
+    padded = torch.tensor([block + [PAD_TOKEN] * (longest - len(block)) for block in blocks], dtype=torch.long,
+                          device=audio_kv.keys[0].device)  # (B, T)
+    hidden = decoder(padded, audio_kv, cache, **inputs)
+    cache.rollback([start + len(block) for start, block in zip(starts, blocks)])
+    return hidden
+
+
+def prefill(model: Whisper, audio_kv: AudioKV, prompts: list[list[int]], cache: KVCache) -> tuple[Tensor, Tensor]:
+    """Run each row's prompt into an empty cache. Returns the float logits (B, V) after each row's last
+    prompt token, and the hidden states (B, T, C) of every prompt position (no-speech detection reads
+    the start-of-transcript one)."""
+    hidden = forward_ragged(model.decoder, audio_kv, cache, prompts)  # (B, T, C)
+    rows = torch.arange(len(prompts), device=hidden.device)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=hidden.device)
+    return model.decoder.logits(hidden[rows, last]).float(), hidden
 
 
 def no_speech_probs(model: Whisper, tokenizer: Tokenizer, prompt_hidden: Tensor, prompts: list[list[int]]) -> list[float]:
@@ -314,50 +330,78 @@ def settle_logprobs(model: Whisper, rules: LogitRules, rows: list[RowProgress]) 
         progress.unscored_at.clear()
 
 
-def start_rows(model: Whisper, tokenizer: Tokenizer, prompts: list[list[int]], options: DecodingOptions
-               ) -> list[RowProgress]:
-    return [RowProgress(budget=token_budget(model, len(p), options), eot=tokenizer.eot) for p in prompts]
+@dataclass(frozen=True)
+class WindowBatch:
+    """A batch of 30-s windows ready to decode, one per row: everything that stays fixed while it is."""
+
+    mel: Tensor  # (B, n_mels, 3000)
+    audio_features: Tensor  # (B, n_audio_ctx, n_audio_state): the encoder's output
+    audio_kv: AudioKV  # the decoder's cross-attention K/V of those features
+    prompts: list[list[int]]  # per row: [<|startofprev|> previous...] <|startoftranscript|> ...
+    languages: list[str | None]
+    rules: LogitRules
+    options: DecodingOptions
+    generator: torch.Generator | None = None  # sampling's random numbers (None: PyTorch's global ones)
 
 
-def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, audio_kv: AudioKV, rules: LogitRules,
-                          prompts: list[list[int]], options: DecodingOptions, stats: DecodeStats | None = None,
-                          generator: torch.Generator | None = None) -> list[WindowResult]:
+@dataclass
+class DecodeState:
+    """What changes while a batch of windows is decoded: the cache and each row's progress."""
+
+    cache: KVCache
+    rows: list[RowProgress]
+    no_speech: list[float]  # per row: probability of <|nocaptions|> after the prompt
+    prompt_hidden: Tensor  # (B, T, C): the decoder's hidden states over the (padded) prompts
+
+
+def decide(row: RowProgress, logits: Tensor, window: WindowBatch, screen: ScreenedRow | None = None) -> int:
+    """The next token of a row from one position's float logits (V,): Whisper's rules given the row's
+    tokens, then the argmax (or a sample), recorded in `row`. screen: the logits are screened."""
+    filtered = window.rules.apply(logits, row.tokens, screen)
+    token = choose_token(filtered, window.options.temperature, window.generator, screen)
+    row.commit(token, filtered, screen=screen)
+    return token
+
+
+def begin_window(model: Whisper, tokenizer: Tokenizer, window: WindowBatch) -> DecodeState:
+    """A fresh cache holding every row's prompt, and each row's first token, decided from the prompt's
+    exact logits."""
+    cache = model.new_cache(len(window.prompts))
+    logits, prompt_hidden = prefill(model, window.audio_kv, window.prompts, cache)
+    rows = [RowProgress(budget=token_budget(model, len(p), window.options), eot=tokenizer.eot) for p in window.prompts]
+    for row, row_logits in zip(rows, logits):
+        decide(row, row_logits, window)
+    return DecodeState(cache, rows, no_speech_probs(model, tokenizer, prompt_hidden, window.prompts), prompt_hidden)
+
+
+def end_window(model: Whisper, window: WindowBatch, state: DecodeState, stats: DecodeStats,
+               with_draft_mask: bool = False) -> list[WindowResult]:
+    """Every row's result, its log-probabilities settled."""
+    settle_logprobs(model, window.rules, state.rows)
+    stats.generated_tokens += sum(len(row.tokens) for row in state.rows)
+    return [row.result(p, with_draft_mask) for row, p in zip(state.rows, state.no_speech)]
+
+
+def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBatch,
+                          stats: DecodeStats | None = None) -> list[WindowResult]:
     """One main-model pass per token, for a batch of windows. At temperature 0 this is plain greedy
     decoding: the reference speculative decoding must reproduce token for token."""
     stats = stats if stats is not None else DecodeStats()
-    cache = model.new_cache(len(prompts))
-    device = audio_kv.keys[0].device
     started = time.perf_counter()
-    logits, prompt_hidden = prefill(model, audio_kv, prompts, cache)
-    no_speech = no_speech_probs(model, tokenizer, prompt_hidden, prompts)
+    state = begin_window(model, tokenizer, window)
     stats.prefill_seconds += time.perf_counter() - started
-
     started = time.perf_counter()
-    rows = start_rows(model, tokenizer, prompts, options)
-    screens = None  # the prompt's logits are exact; later steps' are screened where possible
-    while True:
-        next_tokens = []
-        for row, progress in enumerate(rows):
-            if progress.finished:
-                next_tokens.append(tokenizer.eot)  # a filler, rolled back below
-                continue
-            screen = screens[row] if screens else None
-            filtered = rules.apply(logits[row], progress.tokens, screen)
-            token = choose_token(filtered, options.temperature, generator, screen)
-            progress.commit(token, filtered, screen=screen)
-            next_tokens.append(token)
-        if all(p.finished for p in rows):
-            break
-        step_input = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]  # (B, 1)
-        hidden = model.decoder(step_input, audio_kv, cache)[:, -1]  # (B, C)
-        logits, screens = step_logits(model, hidden, options)
+    while not all(row.finished for row in state.rows):
+        blocks = [[] if row.finished else [row.tokens[-1]] for row in state.rows]  # finished rows feed nothing
+        hidden = forward_ragged(model.decoder, window.audio_kv, state.cache, blocks)[:, -1]  # (B, C)
+        logits, screens = step_logits(model, hidden, window.options)
         stats.main_passes += 1
-        if any(p.finished for p in rows):  # finished rows were fed a filler: keep their length where it was
-            cache.rollback([n - 1 if p.finished else n for n, p in zip(cache.lengths, rows)])
-    settle_logprobs(model, rules, rows)
+        for r, row in enumerate(state.rows):
+            if not row.finished:
+                decide(row, logits[r], window, screens[r] if screens else None)
+    results = end_window(model, window, state, stats)
     stats.decode_seconds += time.perf_counter() - started
-    stats.generated_tokens += sum(len(p.tokens) for p in rows)
-    return [p.result(no_speech[row]) for row, p in enumerate(rows)]
+    return results
 
 
 def token_budget(model: Whisper, prompt_len: int, options: DecodingOptions) -> int:

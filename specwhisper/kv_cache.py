@@ -28,10 +28,6 @@ class AudioKV:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def select(self, rows: Tensor | list[int]) -> "AudioKV":
-        """The K/V of a subset of rows (a copy: used when rows leave a batch)."""
-        return AudioKV([k[rows] for k in self.keys], [v[rows] for v in self.values])
-
 
 class CacheOverflow(RuntimeError):
     """A write would pass the preallocated length (Whisper's 448-token context)."""
@@ -117,9 +113,3 @@ class KVCache:
                 raise ValueError(f"cannot roll back from length {old} to {new}")
         self.lengths = list(new_lengths)
         self._lengths_tensor = None
-
-    def select(self, rows: list[int]) -> "KVCache":
-        """A cache holding only these rows (a copy), for when rows leave a batch."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
-        return KVCache(self.keys.index_select(1, index), self.values.index_select(1, index),
-                       [self.lengths[r] for r in rows])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import WeightsError
-from .model import ModelDims, Whisper, sinusoids
+from .model import Whisper, sinusoids
 from .prepack import prepack_available, prepack_linears
+from .speech_model import SpeechModel
 from .tokenizer import Tokenizer
 from .weights.hf_layout import dims_from_config, load_state_dict, read_json
 from .weights.resolve import resolve_model_folder
@@ -27,41 +27,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class SpeechModel:
-    """A Whisper network with what it needs to turn audio into text."""
-
-    network: Whisper
-    tokenizer: Tokenizer
-    name: str
-    folder: Path
-    suppress_tokens: list[int]
-    begin_suppress_tokens: list[int]
-    alignment_heads: list = field(default_factory=list)
-
-    @property
-    def dims(self) -> ModelDims:
-        return self.network.dims
-
-    @property
-    def device(self) -> torch.device:
-        return self.network.decoder.token_embedding.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.network.decoder.token_embedding.weight.dtype
-
-    @property
-    def multilingual(self) -> bool:
-        return self.tokenizer.multilingual
-
-    def transcribe(self, audio, **options):
-        """Transcribe a path or a 16 kHz float array: see `specwhisper.transcribe.transcribe`."""
-        from .transcribe import transcribe
-
-        return transcribe(self, audio, **options)
 
 
 def load_network(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Whisper, dict]:
@@ -120,5 +85,4 @@ def load_model(name_or_path: str | os.PathLike = "base", device: str | torch.dev
     begin_suppress = generation.get("begin_suppress_tokens", config.get("begin_suppress_tokens")) or \
         tokenizer.encode(" ") + [tokenizer.eot]
     return SpeechModel(network=network, tokenizer=tokenizer, name=str(name_or_path), folder=folder,
-                       suppress_tokens=list(suppress), begin_suppress_tokens=list(begin_suppress),
-                       alignment_heads=generation.get("alignment_heads", []))
+                       suppress_tokens=list(suppress), begin_suppress_tokens=list(begin_suppress))

@@ -86,27 +86,25 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project_qkv(x)
         return self.out(merge_heads(attention.encoder_attention(q, k, v)))
 
-    def cached_self_forward(self, x: Tensor, cache: KVCache, layer: int, independent_positions: bool = False
-                            ) -> Tensor:
-        """x: (B, T, C) for T new tokens; writes their K/V into `cache` at its lengths.
-        independent_positions: see `attention.one_position_at_a_time`."""
-        q, k_new, v_new = self.project_qkv(x)
-        k_cache, v_cache = cache.write(layer, k_new, v_new)
-        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length(),
-                                       independent_positions)
+    def self_forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        """x: (B, T, C) for T new tokens. With a cache: their K/V are written at its lengths and they attend
+        to everything cached. Without one: causal attention inside x alone (training, differentiable)."""
+        q, k, v = self.project_qkv(x)
+        if cache is None:
+            return self.out(merge_heads(attention.causal_attention(q, k, v)))
+        k_cache, v_cache = cache.write(layer, k, v)
+        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length())
         return self.out(merge_heads(out))
 
-    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int, independent_positions: bool = False) -> Tensor:
+    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int) -> Tensor:
         """x: (B, T, C) attends to the audio window's precomputed K/V."""
         q = split_heads(self.query(x), self.n_head)
-        out = attention.cross_attention(q, audio_kv.keys[layer], audio_kv.values[layer], independent_positions)
-        return self.out(merge_heads(out))
+        return self.out(merge_heads(attention.cross_attention(q, audio_kv.keys[layer], audio_kv.values[layer])))
 
     def project_audio_kv(self, audio_features: Tensor) -> tuple[Tensor, Tensor]:
         """audio_features: (B, S, C) -> K, V each (B, H, S, D). Done once per window."""
-        # Contiguous (B, H, S, D): each head's keys then lie in one block of memory. With the
-        # strided view of the projection's (B, S, H*D) output, a one-token step reads the
-        # 6 MB per layer at a third of the speed (4.5 vs 1.8 ms per base step, cache-cold).
+        # Contiguous (B, H, S, D): each head's keys in one block of memory; a one-token step reads the
+        # strided view of the (B, S, H*D) projection at a third of the speed (docs/cpu-fast-path.md).
         keys = split_heads(self.key(audio_features), self.n_head).contiguous()
         values = split_heads(self.value(audio_features), self.n_head).contiguous()
         return keys, values
@@ -139,11 +137,34 @@ class DecoderBlock(nn.Module):
         self.mlp = mlp(n_state)
         self.mlp_ln = nn.LayerNorm(n_state)
 
-    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache, layer: int,
-                independent_positions: bool = False) -> Tensor:
-        x = x + self.attn.cached_self_forward(self.attn_ln(x), cache, layer, independent_positions)
-        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer, independent_positions)
+    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.attn.self_forward(self.attn_ln(x), cache, layer)
+        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer)
         return x + self.mlp(self.mlp_ln(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, audio_kv: AudioKV, cache: KVCache | None) -> Tensor:
+    """Decoder blocks on first-block inputs x (B, T, C) at the cache's lengths; then the cache holds
+    the T new positions. Without a cache: teacher forcing from position 0 with a causal mask."""
+    for layer, block in enumerate(blocks):
+        x = block(x, audio_kv, cache, layer)
+    if cache is not None:
+        cache.advance(x.shape[1])
+    return x
+
+
+def cross_attention_kv(blocks: nn.ModuleList, audio_features: Tensor) -> AudioKV:
+    """Cross-attention K/V of every block for these audio features (B, S, C), computed once per window."""
+    pairs = [block.cross_attn.project_audio_kv(audio_features) for block in blocks]
+    return AudioKV(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+
+
+def tied_logits(hidden: Tensor, token_embedding: nn.Embedding, output_projection: nn.Module | None) -> Tensor:
+    """(..., C) -> (..., n_vocab): the output projection tied to the token embedding, or a module
+    computing it (specwhisper.prepack) or standing in for it (a draft's head)."""
+    if output_projection is not None:
+        return output_projection(hidden)
+    return hidden @ token_embedding.weight.T
 
 
 class AudioEncoder(nn.Module):
@@ -177,21 +198,15 @@ class TextDecoder(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(dims.n_text_ctx, n_state))
         self.blocks = nn.ModuleList(DecoderBlock(n_state, dims.n_text_head) for _ in range(dims.n_text_layer))
         self.ln = nn.LayerNorm(n_state)
-        # The output projection is tied to the token embedding; a faster module may stand in for it
-        # (specwhisper.prepack), computing the same product.
+        # The output projection is tied to the token embedding; a faster module computing the same
+        # product may stand in for it (specwhisper.prepack).
         self.output_projection: nn.Module | None = None
         # Optionally a cheap screen of the same projection with an error bound, for exact greedy
         # choices without computing every logit exactly (specwhisper.screening; used by decoding).
         self.screened_head: nn.Module | None = None
-        # Past the prompt, give every position the bits a one-token step gives it, however many are
-        # computed together (attention.one_position_at_a_time): what lets a verify pass reproduce
-        # greedy steps exactly. A draft, whose numbers never reach the output, turns it off.
-        self.exact_positions = True
 
     def audio_kv(self, audio_features: Tensor) -> AudioKV:
-        """Cross-attention K/V of every layer for these audio features, computed once per window."""
-        pairs = [block.cross_attn.project_audio_kv(audio_features) for block in self.blocks]
-        return AudioKV(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+        return cross_attention_kv(self.blocks, audio_features)
 
     def forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache) -> Tensor:
         """Run T new tokens per row at positions cache.lengths .. +T, append them to the cache.
@@ -201,23 +216,16 @@ class TextDecoder(nn.Module):
         """
         positions = cache.positions(tokens.shape[1])  # (B, T)
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
-        return self.forward_inputs(x, audio_kv, cache)
-
-    def forward_inputs(self, x: Tensor, audio_kv: AudioKV, cache: KVCache) -> Tensor:
-        """The blocks and final LayerNorm on first-block inputs x (B, T, C) at the cache's lengths,
-        for callers that build the inputs themselves (a distilled draft: specwhisper.draft)."""
-        # The prompt is always run as one block, by greedy and speculative decoding alike: it may run as one.
-        independent_positions = self.exact_positions and max(cache.lengths) > 0
-        for layer, block in enumerate(self.blocks):
-            x = block(x, audio_kv, cache, layer, independent_positions)
-        cache.advance(x.shape[1])
+        # After the prompt, every position gets the bits a one-token step gives it, however many are
+        # computed together: what lets a verify pass reproduce greedy steps exactly (docs/exactness.md).
+        # The prompt runs as one block in greedy and speculative decoding alike.
+        with attention.positions_computed_alone(max(cache.lengths) > 0):
+            x = run_blocks(self.blocks, x, audio_kv, cache)
         return self.ln(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T, n_vocab) through the output projection tied to the token embedding."""
-        if self.output_projection is not None:
-            return self.output_projection(hidden)
-        return hidden @ self.token_embedding.weight.T
+        """(B, T, C) -> (B, T, n_vocab)."""
+        return tied_logits(hidden, self.token_embedding, self.output_projection)
 
 
 class Whisper(nn.Module):
@@ -229,9 +237,11 @@ class Whisper(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A preallocated self-attention cache sized for this decoder."""
-        dims = self.dims
-        param = self.decoder.token_embedding.weight
-        return KVCache.allocate(
-            n_layer=dims.n_text_layer, batch_size=batch_size, n_head=dims.n_text_head,
-            max_len=max_len or dims.n_text_ctx, head_dim=dims.head_dim, dtype=param.dtype, device=param.device,
-        )
+        return new_decoder_cache(self.dims, self.decoder.token_embedding.weight, batch_size, max_len)
+
+
+def new_decoder_cache(dims: ModelDims, like: Tensor, batch_size: int, max_len: int | None = None) -> KVCache:
+    """A KV cache for a decoder of these dims, on `like`'s device and in its dtype."""
+    return KVCache.allocate(n_layer=dims.n_text_layer, batch_size=batch_size, n_head=dims.n_text_head,
+                            max_len=max_len or dims.n_text_ctx, head_dim=dims.head_dim, dtype=like.dtype,
+                            device=like.device)

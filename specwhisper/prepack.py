@@ -1,43 +1,37 @@
-"""CPU fast path: linear layers with weights prepacked for oneDNN.
+"""CPU fast path: linear layers with weights prepacked once, swapped in after loading.
 
-Why: on the CPU a decoder step is a handful of matrix-vector products, bound by
-how fast the weights stream from memory. PyTorch's default fp32 path (MKL sgemm)
-reaches only ~9 GB/s on such skinny products on the 2-core AMD machines this
-project is developed on, and gets *slower* with a few rows (the γ+1 tokens of a
-verification pass: 22 ms for base's 106 MB output projection with 5 rows, vs
-11 ms with 1). oneDNN with weights reordered once into its blocked layout streams
-them at ~25 GB/s for 1 to 16 rows (3.5-6 ms for the same projection).
+Why: on the CPU a decoder step is a handful of matrix-vector products, bound by how fast the
+weights stream from memory; PyTorch's default fp32 path streams them slowly and gets slower
+with a few rows (a verify pass), oneDNN's prepacked layout does not. Every product used for the
+main model's decoder gives a row the same bits whether it is computed alone or among others
+(oneDNN only up to ~1024 inputs: wider products are sliced), which a verify pass needs to
+reproduce greedy steps bit for bit. Decoder blocks whose weights are all fp16 numbers (Whisper's
+released weights are) hold them in fp16 through fbgemm's fp16 GEMM, which multiplies and
+accumulates in fp32: the same product from half the bytes, no weight ever rounded. A draft's
+linears may run in int8 (`Int8Linear`): verification decides every token.
 
-Both libraries used here also give a row the same bits whether it is computed alone or
-among others (oneDNN only for inputs up to ~1024 wide: wider products are sliced, see
-ONEDNN_ROW_EXACT_WIDTH; checked in tests/test_prepack.py). That, with attention computed
-one position at a time after the prompt (specwhisper.attention), is what lets a
-multi-token verification pass reproduce single-token greedy steps bit for bit.
+Measurements and the history of these choices: docs/cpu-fast-path.md.
 
-The decoder's blocks go one step further when their weights allow it. Whisper's released
-weights are fp16 numbers (the offline CTranslate2 files store fp16; most hub checkpoints were
-trained or exported in fp16), so an fp16 copy of such a weight holds exactly the same values
-in half the bytes. fbgemm's fp16 GEMM reads those, converts them to fp32 and multiplies and
-accumulates in fp32: the same fp32 product, summed in another order. A base decoder step
-streams 88 MB of block weights; at half the bytes a greedy step took 9.2 instead of 12.8 ms
-on the development machine (benchmarks/bench_greedy.py, the `fp32 blocks` column). A weight
-with any value that is not an fp16 number (an fp32 fine-tune) keeps the oneDNN fp32 path, so
-no weight is ever rounded. The encoder stays on oneDNN: its 1500-row products are bound by
-arithmetic, not by bytes, and run ~10 % faster there.
-
-The swap happens after loading (like gpt-fast's quantization pass), so the model
-file keeps plain `nn.Linear` layers and still loads any checkpoint.
+The swap happens after loading (like gpt-fast's quantization pass), so the model file keeps
+plain `nn.Linear` layers and still loads any checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .model import Whisper
 from .screening import ScreenedHead, fp16_gemm_available
+
+if TYPE_CHECKING:
+    from .model import Whisper
+
+# make(weight, bias) -> a module computing x Wᵀ + b: PackedLinear, decoder_linear, Int8Linear
+MakeLinear = Callable[[Tensor, "Tensor | None"], nn.Module]
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -46,8 +40,8 @@ def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # oneDNN computes a row alone and among others with the same bits only while the input width is at
-# most ~1024 (measured: 1024 yes, 1280, 1500 and 2048 no, for every output width and row count tried);
-# wider products are split into slices of at most this width, summed in a fixed order.
+# most ~1024 (docs/exactness.md); wider products are split into slices of at most this width,
+# summed in a fixed order.
 ONEDNN_ROW_EXACT_WIDTH = 512
 
 
@@ -109,36 +103,73 @@ def decoder_linear(weight: Tensor, bias: Tensor | None, half_weights: bool = Tru
     return PackedLinear(weight, bias, max_in_per_call=ONEDNN_ROW_EXACT_WIDTH)
 
 
-def fuse_qkv(attn: nn.Module, make=None) -> None:
-    """Replace self-attention's query/key/value projections by one module computing all three
-    (`make(weight, bias)`, PackedLinear by default), in place."""
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W in int8 (one scale per output row), through PyTorch's dynamic-quantized
+    linear (fbgemm): a quarter of fp32's bytes. For drafts only: their numbers never reach the output."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        weight = weight.detach().float().cpu()
+        self.out_features, self.in_features = weight.shape
+        scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+        with warnings.catch_warnings():  # PyTorch marks quantized tensor creation deprecated; it still works
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(weight, scale, torch.zeros(len(scale), dtype=torch.long), 0,
+                                                 torch.qint8)
+            self.linear = torch.ao.nn.quantized.dynamic.Linear(self.in_features, self.out_features, dtype=torch.qint8)
+            self.linear.set_weight_bias(qweight, None if bias is None else bias.detach().float().cpu())
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        return self.linear(rows).view(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def int8_available() -> bool:
+    """Whether PyTorch's dynamic int8 linear runs here (x86 fbgemm or ARM qnnpack engines)."""
+    try:
+        Int8Linear(torch.randn(4, 8), torch.zeros(4))(torch.randn(1, 8))
+        return True
+    except Exception:  # noqa: BLE001 - no quantized engine, or the API is gone
+        return False
+
+
+def is_packed(module: nn.Module) -> bool:
+    return isinstance(module, (PackedLinear, Int8Linear))
+
+
+def fuse_qkv(attn: nn.Module, make: MakeLinear = PackedLinear) -> None:
+    """Replace self-attention's query/key/value projections by one module computing all three, in place."""
     weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # (3C, C)
     bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])  # key has none
-    attn.fused_qkv = (make or PackedLinear)(weight, bias)
+    attn.fused_qkv = make(weight, bias)
     del attn.query, attn.key, attn.value
 
 
-def replace_linears(root: nn.Module, make=None) -> None:
-    """Replace every nn.Linear under `root` by `make(weight, bias)` (PackedLinear by default), in place."""
+def replace_linears(root: nn.Module, make: MakeLinear = PackedLinear) -> None:
+    """Replace every nn.Linear under `root` by `make(weight, bias)`, in place."""
     for module in list(root.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, (make or PackedLinear)(child.weight, child.bias))
+                setattr(module, name, make(child.weight, child.bias))
+
+
+def prepack_blocks(blocks: nn.ModuleList, make: MakeLinear) -> None:
+    """The one pass every transformer block goes through: self-attention's query/key/value fused into
+    one product, then every linear replaced by `make(weight, bias)`, in place."""
+    for block in blocks:
+        if block.attn.fused_qkv is None:
+            fuse_qkv(block.attn, make)
+    replace_linears(blocks, make)
 
 
 def prepack_linears(network: Whisper, half_weights: bool = True) -> Whisper:
-    """Replace every nn.Linear (and the tied output projection) by a PackedLinear, in place;
-    self-attention's query/key/value projections become one fused PackedLinear. The decoder blocks'
-    linears hold fp16 weights where that is exact (`decoder_linear`; `half_weights=False`: never, for
-    comparisons). Where fbgemm runs, the decoder also gets an fp16 screen of its output projection
-    (specwhisper.screening)."""
-    make_decoder_linear = functools.partial(decoder_linear, half_weights=half_weights)
-    for block in network.encoder.blocks:
-        fuse_qkv(block.attn)
-    for block in network.decoder.blocks:
-        fuse_qkv(block.attn, make_decoder_linear)
-    replace_linears(network.decoder.blocks, make_decoder_linear)
-    replace_linears(network)
+    """The main model's CPU fast path, in place: every block through `prepack_blocks` (the decoder's
+    with `decoder_linear`: fp16-held weights where that is exact; `half_weights=False`: never, for
+    comparisons), the tied output projection as a PackedLinear, and where fbgemm runs an fp16
+    screen of it (specwhisper.screening)."""
+    prepack_blocks(network.encoder.blocks, PackedLinear)
+    prepack_blocks(network.decoder.blocks, functools.partial(decoder_linear, half_weights=half_weights))
     decoder = network.decoder
     decoder.output_projection = PackedLinear(decoder.token_embedding.weight, None)
     if fp16_gemm_available():

@@ -4,8 +4,8 @@ Why: base's tied output projection is 51865 x 512 fp32 = 106 MB, half of everyth
 a decoder step reads. Greedy decoding needs only the argmax of the logits (after
 Whisper's rules), not all 51865 of them exactly. So the step computes every logit
 from an fp16 copy of the weights (fbgemm's fp16 GEMM: fp32 activations and
-accumulation, half the bytes; 1.9 vs 4-6 ms on the 2-core development machine), with
-a proven bound on how far each screened logit can be from the exact one, and then
+accumulation, half the bytes), with a proven bound on how far each screened logit
+can be from the exact one, and then
 computes exactly (float64 dot products) only the few tokens whose screened logit
 lies within twice that bound of the best. The chosen token is the exact argmax:
 
@@ -17,10 +17,10 @@ The bound (`ScreenedHead.bounds`), for one hidden row x and weight row w_i:
     fp16 rounding of w (round-to-nearest; 2^-10 also covers truncation):
         |x . (w_i - fp16(w_i))| <= 2^-10 |x|_2 |w_i|_2 + 2^-24 |x|_1 (subnormals)
     fp32 accumulation of C products in any order: <= C 2^-24 |x|_2 |fp16(w_i)|_2
-With |w_i|_2 replaced by the largest row norm, one number per hidden row. For base on
-real speech it is ~0.2 (hidden norms ~275), and on average 1-2 tokens need the exact
-dot product. tests/test_screening.py checks the bound on real hidden states and that
-screened greedy decoding gives the same tokens as the full fp32 projection.
+With |w_i|_2 replaced by the largest row norm, one number per hidden row; on real
+speech only a token or two per step need the exact dot product (docs/cpu-fast-path.md).
+tests/test_screening.py checks the bound on real hidden states and that screened greedy
+decoding gives the same tokens as the full fp32 projection.
 
 Whisper's timestamp rule (do all timestamps together outweigh the best text token?) is
 decided on screened logits when the margin exceeds the bound, otherwise on the exact

@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from . import audio as audio_io
-from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowResult, build_prompts, autoregressive_decode,
-                       resolve_languages)
+from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, WindowResult, autoregressive_decode,
+                       build_prompts, resolve_languages)
 from .errors import SpecWhisperError
-from .loading import SpeechModel
 from .longform import FileTranscript, LongformOptions, Segment, run_files
+from .speculative import speculative_decode
 from .tokenizer import TASKS, Tokenizer
+
+if TYPE_CHECKING:
+    from .drafters import Drafter
+    from .speech_model import SpeechModel
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -57,12 +62,6 @@ class Transcription:
                 "timings": self.timings, "language_probs": self.language_probs}
 
 
-def first_window_mel(model: SpeechModel, samples: np.ndarray) -> torch.Tensor:
-    """(n_mels, 3000) features of the first 30 s, openai-whisper `transcribe` convention."""
-    mel, content_frames = audio_io.log_mel_windows(samples, n_mels=model.dims.n_mels)
-    return audio_io.mel_window(mel, content_frames, 0)
-
-
 def encode_audio(model: SpeechModel, mel: torch.Tensor):
     """mel: (B, n_mels, 3000) -> the decoder's cross-attention K/V and the encoder output."""
     with torch.inference_mode():
@@ -70,7 +69,7 @@ def encode_audio(model: SpeechModel, mel: torch.Tensor):
         return model.network.decoder.audio_kv(features), features
 
 
-def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOptions, assistant=None,
+def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOptions, assistant: Drafter | None = None,
                   stats: DecodeStats | None = None, previous_tokens: list[list[int]] | None = None,
                   languages: list[str | None] | None = None) -> list[WindowResult]:
     """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given.
@@ -86,16 +85,19 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
     stats.encoder_seconds += time.perf_counter() - started
     with torch.inference_mode():
         languages, language_probs = _row_languages(model, audio_kv, options.language, languages)
-        prompts = build_prompts(model.tokenizer, options, languages, previous_tokens)
         rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                            model.dims.n_vocab)
+        window = WindowBatch(mel, features, audio_kv, build_prompts(model.tokenizer, options, languages, previous_tokens),
+                             languages, rules, options)
+        if assistant is not None and not all(assistant.can_draft(language) for language in languages):
+            warnings.warn(f"assistant {assistant.name} is English-only and the audio is in "
+                          f"{', '.join(sorted(set(str(l) for l in languages)))}: decoding without an assistant",
+                          stacklevel=2)
+            assistant = None
         if assistant is None:
-            results = autoregressive_decode(model.network, model.tokenizer, audio_kv, rules, prompts, options, stats)
+            results = autoregressive_decode(model.network, model.tokenizer, window, stats)
         else:
-            from .speculative import speculative_decode
-
-            results = speculative_decode(model, assistant, mel, audio_kv, features, rules, prompts, languages,
-                                         options, stats)
+            results = speculative_decode(model.network, model.tokenizer, assistant, window, stats)
     for result, language, probs in zip(results, languages, language_probs):
         result.language = language
         result.language_probs = probs
@@ -132,7 +134,7 @@ def check_language(tokenizer: Tokenizer, language: str | None, task: str) -> str
 
 
 def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, language: str | None = None,
-               task: str = "transcribe", timestamps: bool = True, assistant=None, *,
+               task: str = "transcribe", timestamps: bool = True, assistant: Drafter | None = None, *,
                temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
                compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
                no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
@@ -142,8 +144,8 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
     language: a code or name; None detects it on the first 30 s and keeps it for the file.
     timestamps: decode in timestamp mode, which splits the text into timed segments (True, as
       openai-whisper's `transcribe`); False gives one segment per 30-s window.
-    assistant: a `speculative.load_assistant` model; then every window is decoded speculatively
-      and `stats` counts the drafts over the whole file.
+    assistant: a drafter (`specwhisper.assistants.load_assistant`, or any `specwhisper.drafters.Drafter`);
+      then every window is decoded speculatively and `stats` counts the drafts over the whole file.
     temperature: one value, or the values tried in turn while a window fails the thresholds
       (compression ratio above `compression_ratio_threshold`, average log-probability below
       `logprob_threshold`); a window whose no-speech probability is above `no_speech_threshold`
@@ -165,7 +167,8 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
 
 
 def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.ndarray], language: str | None = None,
-                    task: str = "transcribe", timestamps: bool = True, assistant=None, *, batch_size: int = 8,
+                    task: str = "transcribe", timestamps: bool = True, assistant: Drafter | None = None, *,
+                    batch_size: int = 8,
                     temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
                     compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
                     no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,

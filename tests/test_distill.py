@@ -16,15 +16,24 @@ import torch
 from conftest import read_manifest
 from random_models import make_random_model
 from specwhisper import audio
-from specwhisper import distill as distill_mod
+from specwhisper.assistants import load_assistant, make_assistant, resolve_auto_assistant
+from specwhisper.cli import main as cli_main
 from specwhisper.decoding import DecodeStats, DecodingOptions
-from specwhisper.distill import AugmentOptions, AudioFile, distill_main, plan_windows, split_files
-from specwhisper.draft import (Int8Linear, LowRankHead, ShortlistHead, int8_available, is_prepacked, build_draft_network, decode_all_positions, draft_forward,
-                               find_draft, load_draft, new_config, own_state_dict, prepack_draft, save_draft,
-                               shift_features, spread_layers, uses_features, with_shortlist, wrap)
+from specwhisper.distill.data import AugmentOptions, AudioFile, plan_windows, split_files
+from specwhisper.distill.shortlist import choose_shortlist
+from specwhisper.draft import LowRankHead, ShortlistHead, build_draft_network, shift_features, spread_layers, with_shortlist
+from specwhisper.draft_files import find_draft, load_draft, new_config, save_draft, wrap
 from specwhisper.errors import IncompatibleAssistantError
-from specwhisper.speculative import load_assistant, make_assistant, resolve_auto_assistant
-from specwhisper.transcribe import decode_window, first_window_mel
+from specwhisper.prepack import Int8Linear, int8_available
+from specwhisper.transcribe import decode_window
+
+
+def first_window_mel_of(model, samples):
+    return audio.first_window_mel(samples, model.dims.n_mels)
+
+
+def distill_main(args: list[str]) -> int:
+    return cli_main(["distill", *args])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,7 @@ def test_draft_shares_encoder_and_embeddings_and_its_training_forward_equals_the
     tokens = torch.randint(0, 50000, (2, 9))
     with torch.no_grad():
         audio_kv = network.decoder.audio_kv(torch.randn(2, 1500, 64))
-        no_cache = decode_all_positions(network, tokens, audio_kv)
+        no_cache = network.decoder(tokens, audio_kv)
         cached = network.decoder(tokens, audio_kv, network.new_cache(2))
         torch.testing.assert_close(no_cache, cached, atol=1e-5, rtol=1e-5)
         logits = network.decoder.logits(cached)
@@ -80,32 +89,32 @@ def perturb_fusion(network, scale: float = 0.05) -> None:
 def test_feature_draft_reads_the_main_hidden_states_and_its_training_forward_equals_the_cached_path(tiny_main):
     torch.manual_seed(1)
     network = build_draft_network(tiny_main, (0, 3), "full", features=True)
-    assert uses_features(network) and not uses_features(build_draft_network(tiny_main, (0, 3), "full"))
+    assert network.decoder.reads_features and not build_draft_network(tiny_main, (0, 3), "full").decoder.reads_features
     tokens = torch.randint(0, 50000, (2, 9))
     main_hidden = torch.randn(2, 9, 64)
     with torch.no_grad():
         audio_kv = network.decoder.audio_kv(torch.randn(2, 1500, 64))
         # Initialised to ignore the feature: the plain draft's output, whatever the feature is.
-        plain = decode_all_positions(network, tokens, audio_kv, torch.zeros(2, 9, 64))
-        assert torch.allclose(plain, decode_all_positions(network, tokens, audio_kv, shift_features(main_hidden)),
+        plain = network.decoder(tokens, audio_kv, features=torch.zeros(2, 9, 64))
+        assert torch.allclose(plain, network.decoder(tokens, audio_kv, features=shift_features(main_hidden)),
                               atol=1e-6)
         perturb_fusion(network)
-        no_cache = decode_all_positions(network, tokens, audio_kv, shift_features(main_hidden))
+        no_cache = network.decoder(tokens, audio_kv, features=shift_features(main_hidden))
         assert not torch.allclose(no_cache, plain, atol=1e-3)
         # The cached path in two chunks, as speculative decoding feeds it.
         cache = network.new_cache(2)
-        first = draft_forward(network, tokens[:, :4], audio_kv, cache, shift_features(main_hidden)[:, :4])
-        second = draft_forward(network, tokens[:, 4:], audio_kv, cache, main_hidden[:, 3:8])
+        first = network.decoder(tokens[:, :4], audio_kv, cache, features=shift_features(main_hidden)[:, :4])
+        second = network.decoder(tokens[:, 4:], audio_kv, cache, features=main_hidden[:, 3:8])
         torch.testing.assert_close(torch.cat([first, second], 1), no_cache, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="features"):
-            draft_forward(network, tokens, audio_kv, network.new_cache(2))
+            network.decoder(tokens, audio_kv, network.new_cache(2))
 
 
 def test_training_never_touches_the_main_model(tiny_main):
     network = build_draft_network(tiny_main, (0, 3), "full")
     before = {k: v.clone() for k, v in tiny_main.network.decoder.token_embedding.state_dict().items()}
     tokens = torch.randint(0, 50000, (1, 6))
-    hidden = decode_all_positions(network, tokens, network.decoder.audio_kv(torch.randn(1, 1500, 64)))
+    hidden = network.decoder(tokens, network.decoder.audio_kv(torch.randn(1, 1500, 64)))
     (hidden @ network.decoder.token_embedding.weight.detach().T).logsumexp(-1).sum().backward()
     assert tiny_main.network.decoder.token_embedding.weight.grad is None
     assert network.decoder.blocks[0].mlp[0].weight.grad is not None
@@ -128,7 +137,7 @@ def test_a_saved_draft_reloads_bit_identically(tiny_main, tmp_path, head):
                 p.add_(0.01 * torch.randn_like(p))
     folder = save_draft(network, new_config(tiny_main, network, (1, 2), {"note": "test"}), tmp_path / "d")
     loaded = load_draft(tiny_main, folder, prepack=False)
-    saved, reloaded = own_state_dict(network), own_state_dict(loaded.network)
+    saved, reloaded = network.own_state_dict(), loaded.network.own_state_dict()
     assert saved.keys() == reloaded.keys()
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
     assert loaded.network.encoder is tiny_main.network.encoder
@@ -139,13 +148,13 @@ def test_a_saved_draft_reloads_bit_identically(tiny_main, tmp_path, head):
     main_hidden = torch.randn(1, 5, 64) if reads_features else None
     with torch.no_grad():
         before = network.decoder.logits(
-            decode_all_positions(network, tokens, network.decoder.audio_kv(features), main_hidden))
+            network.decoder(tokens, network.decoder.audio_kv(features), features=main_hidden))
         after = loaded.network.decoder.logits(
-            decode_all_positions(loaded.network, tokens, loaded.network.decoder.audio_kv(features), main_hidden))
+            loaded.network.decoder(tokens, loaded.network.decoder.audio_kv(features), features=main_hidden))
     assert torch.equal(before, after)
     config = json.loads((folder / "draft.json").read_text())
     assert config["init_layers"] == [1, 2] and config["head"] == head and config["training"] == {"note": "test"}
-    assert config["features"] is reads_features and uses_features(loaded.network) is reads_features
+    assert config["features"] is reads_features and loaded.network.decoder.reads_features is reads_features
 
 
 def test_float16_storage_halves_the_file_and_reloads_the_rounded_weights(tiny_main, tmp_path):
@@ -154,8 +163,8 @@ def test_float16_storage_halves_the_file_and_reloads_the_rounded_weights(tiny_ma
     full = save_draft(network, config, tmp_path / "fp32")
     half = save_draft(network, config, tmp_path / "fp16", dtype="float16")
     assert (half / "draft.safetensors").stat().st_size < 0.6 * (full / "draft.safetensors").stat().st_size
-    reloaded = own_state_dict(load_draft(tiny_main, half, prepack=False).network)
-    for name, tensor in own_state_dict(network).items():
+    reloaded = load_draft(tiny_main, half, prepack=False).network.own_state_dict()
+    for name, tensor in network.own_state_dict().items():
         assert torch.equal(reloaded[name], tensor.half().float()), name
 
 
@@ -168,9 +177,9 @@ def test_int8_delta_storage_quarters_the_file_and_reloads_the_same_values_every_
     full = save_draft(network, config, tmp_path / "fp32")
     small = save_draft(network, config, tmp_path / "int8", dtype="int8-delta", main=tiny_main)
     assert (small / "draft.safetensors").stat().st_size < 0.35 * (full / "draft.safetensors").stat().st_size
-    first = own_state_dict(load_draft(tiny_main, small, prepack=False).network)
-    second = own_state_dict(load_draft(tiny_main, small, prepack=False).network)
-    for name, tensor in own_state_dict(network).items():
+    first = load_draft(tiny_main, small, prepack=False).network.own_state_dict()
+    second = load_draft(tiny_main, small, prepack=False).network.own_state_dict()
+    for name, tensor in network.own_state_dict().items():
         assert torch.equal(first[name], second[name])
         if not tensor.is_floating_point():  # the shortlist's token ids
             assert torch.equal(first[name], tensor), name
@@ -323,8 +332,8 @@ def test_int8_linear_is_close_to_fp32_and_a_draft_runs_with_it(tiny_main):
     with torch.no_grad():
         reference = network.decoder.logits(network.decoder(tokens, network.decoder.audio_kv(features),
                                                            network.new_cache(1)))
-        prepack_draft(network, tiny_main, int8=True)
-        assert is_prepacked(network)
+        network.prepack(tiny_main.network, int8=True)
+        assert network.is_prepacked
         packed = network.decoder.logits(network.decoder(tokens, network.decoder.audio_kv(features),
                                                         network.new_cache(1)))
     finite = torch.isfinite(reference)
@@ -335,7 +344,7 @@ def test_int8_linear_is_close_to_fp32_and_a_draft_runs_with_it(tiny_main):
 
 def test_shortlist_keeps_end_of_text_and_timestamps(tiny_main):
     tokenizer = tiny_main.tokenizer
-    shortlist = distill_mod.choose_shortlist(tokenizer, [], 3000)
+    shortlist = choose_shortlist(tokenizer, [], 3000)
     assert len(shortlist) == 3000 and len(set(shortlist)) == 3000
     assert tokenizer.eot in shortlist and set(range(tokenizer.timestamp_begin, tokenizer.n_vocab)) <= set(shortlist)
 
@@ -346,42 +355,38 @@ def test_shortlist_keeps_end_of_text_and_timestamps(tiny_main):
 @pytest.fixture(scope="module")
 def base_draft(base_model):
     """An untrained shortlist draft: poor proposals, every one of them verified."""
-    shortlist = distill_mod.choose_shortlist(base_model.tokenizer, [], 6000)
+    shortlist = choose_shortlist(base_model.tokenizer, [], 6000)
     network = build_draft_network(base_model, (0, 5), "shortlist", shortlist=shortlist)
     # int8 linears (how drafts run on the CPU): rounded proposals, every one still verified.
-    return wrap(base_model, prepack_draft(network, base_model, int8=int8_available()), "base+untrained-draft")
+    return wrap(base_model, network.prepack(base_model.network, int8=int8_available()), "base+untrained-draft")
 
 
 @pytest.fixture(scope="module")
 def base_feature_draft(base_model):
     """An untrained feature draft whose fusion really mixes in the main model's hidden states."""
     torch.manual_seed(3)
-    shortlist = distill_mod.choose_shortlist(base_model.tokenizer, [], 6000)
+    shortlist = choose_shortlist(base_model.tokenizer, [], 6000)
     network = build_draft_network(base_model, (0, 5), "shortlist", shortlist=shortlist, features=True)
     perturb_fusion(network, 0.02)
-    return wrap(base_model, prepack_draft(network, base_model), "base+untrained-feature-draft")
+    return wrap(base_model, network.prepack(base_model.network), "base+untrained-feature-draft")
 
 
 @pytest.mark.parametrize("timestamps,features", [(False, False), (True, False), (False, True), (True, True)])
 def test_speculative_with_a_draft_equals_greedy_on_real_clips(base_model, base_draft, base_feature_draft,
                                                               timestamps, features):
     rows = [r for r in read_manifest("dev") if r["file"].startswith(("ls_1089-134686-0001", "vctk_p225_008"))]
-    mels = torch.stack([first_window_mel(base_model, audio.load_audio(r["path"])) for r in rows])
+    mels = torch.stack([first_window_mel_of(base_model, audio.load_audio(r["path"])) for r in rows])
     options = DecodingOptions(language="en", timestamps=timestamps)
     assistant = make_assistant(base_model, base_feature_draft if features else base_draft, draft_length=3)
     assert assistant.reads_features is features
     assert assistant.kind == "shared-encoder"
     greedy = [r.tokens for r in decode_window(base_model, mels, options)]
-    # A feature draft either keeps the cache entries it computed for accepted drafts (the default)
-    # or re-feeds them with the main model's hidden states: both must leave the output exact.
-    for refeed in (False, True) if features else (False,):
-        assistant.refeed_accepted = refeed
-        stats = DecodeStats()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            spec = [r.tokens for r in decode_window(base_model, mels, options, assistant=assistant, stats=stats)]
-        assert spec == greedy, refeed
-        assert stats.drafted > 0
+    stats = DecodeStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = [r.tokens for r in decode_window(base_model, mels, options, assistant=assistant, stats=stats)]
+    assert spec == greedy
+    assert stats.drafted > 0
 
 
 def test_the_shipped_draft_is_found_for_base_equals_greedy_and_pays_in_passes(base_model, empty_cache):
@@ -392,7 +397,7 @@ def test_the_shipped_draft_is_found_for_base_equals_greedy_and_pays_in_passes(ba
     assert assistant.kind == "shared-encoder" and assistant.model.network.encoder is base_model.network.encoder
     total = DecodeStats()
     for row in read_manifest("long"):
-        mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+        mel = first_window_mel_of(base_model, audio.load_audio(row["path"]))[None]
         options = DecodingOptions(language="en", timestamps=True)
         greedy = [r.tokens for r in decode_window(base_model, mel, options)]
         stats = DecodeStats()

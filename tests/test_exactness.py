@@ -21,8 +21,19 @@ from conftest import read_manifest
 from random_models import make_random_model
 from specwhisper import audio
 from specwhisper.decoding import prefill
+from specwhisper.kv_cache import AudioKV
 from specwhisper.prepack import PackedLinear
-from specwhisper.transcribe import encode_audio, first_window_mel
+from specwhisper.transcribe import encode_audio
+
+
+def first_window_mel_of(model, samples):
+    return audio.first_window_mel(samples, model.dims.n_mels)
+
+
+def repeat_rows(audio_kv: AudioKV, batch: int) -> AudioKV:
+    """One window's cross-attention K/V as the K/V of a batch of `batch` copies of it."""
+    return AudioKV([k.expand(batch, -1, -1, -1).contiguous() for k in audio_kv.keys],
+                   [v.expand(batch, -1, -1, -1).contiguous() for v in audio_kv.values])
 
 TEXT = " The history of the art of printing, the most important of all the arts"
 
@@ -30,7 +41,7 @@ TEXT = " The history of the art of printing, the most important of all the arts"
 @pytest.fixture(scope="module")
 def base_window(base_model):
     samples = audio.load_audio(read_manifest("long")[0]["path"])
-    audio_kv, _ = encode_audio(base_model, first_window_mel(base_model, samples)[None])
+    audio_kv, _ = encode_audio(base_model, first_window_mel_of(base_model, samples)[None])
     return base_model, audio_kv
 
 
@@ -64,7 +75,7 @@ def block_and_steps(model, audio_kv, prompts: list[list[int]], block: list[int])
     network = model.network
     batch = len(prompts)
     if audio_kv.batch_size != batch:
-        audio_kv = audio_kv.select([0] * batch)
+        audio_kv = repeat_rows(audio_kv, batch)
     tokens = torch.tensor([block] * batch)
     with torch.inference_mode():
         cache = network.new_cache(batch)

@@ -8,7 +8,11 @@ import torch
 from conftest import read_manifest
 from specwhisper import attention, audio
 from specwhisper.decoding import DecodingOptions
-from specwhisper.transcribe import decode_window, first_window_mel
+from specwhisper.transcribe import decode_window
+
+
+def first_window_mel_of(model, samples):
+    return audio.first_window_mel(samples, model.dims.n_mels)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton needs a CUDA device or TRITON_INTERPRET=1")
@@ -16,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get
 
 def test_triton_backend_gives_the_same_greedy_tokens_as_torch_on_a_real_clip(tiny_en_model):
     clip = next(r for r in read_manifest("dev") if r["file"] == "jfk.flac")["path"]
-    mel = first_window_mel(tiny_en_model, audio.load_audio(clip))[None]
+    mel = first_window_mel_of(tiny_en_model, audio.load_audio(clip))[None]
     options = DecodingOptions(max_new_tokens=12)  # the interpreter is slow: a dozen tokens make the point
     with attention.use_attention_backend("torch"):
         expected = decode_window(tiny_en_model, mel, options)[0].tokens

@@ -392,7 +392,7 @@ def test_language_detected_per_file_in_a_batch(base_model, one_thread):
 
 def test_speculative_decoding_runs_in_every_window_and_its_stats_add_up(base_model, tiny_en_model, one_thread,
                                                                        monkeypatch):
-    from specwhisper.speculative import make_assistant
+    from specwhisper.assistants import make_assistant
 
     transcribe_module = importlib.import_module("specwhisper.transcribe")  # the package exports a function of that name
 

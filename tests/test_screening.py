@@ -17,8 +17,12 @@ from conftest import read_manifest
 from specwhisper import audio
 from specwhisper.decoding import DecodeStats, DecodingOptions, LogitRules
 from specwhisper.screening import ScreenedHead, ScreenedRow, fp16_gemm_available
-from specwhisper.speculative import resolve_auto_assistant
-from specwhisper.transcribe import decode_window, first_window_mel
+from specwhisper.assistants import resolve_auto_assistant
+from specwhisper.transcribe import decode_window
+
+
+def first_window_mel_of(model, samples):
+    return audio.first_window_mel(samples, model.dims.n_mels)
 
 pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="no fbgemm fp16 GEMM in this torch build")
 
@@ -99,7 +103,7 @@ def screen_set_to(model, head):
 
 @pytest.fixture(scope="module")
 def dev_mels(base_model):
-    return [first_window_mel(base_model, audio.load_audio(r["path"]))[None] for r in read_manifest("dev")[:8]]
+    return [first_window_mel_of(base_model, audio.load_audio(r["path"]))[None] for r in read_manifest("dev")[:8]]
 
 
 def decode(model, mel, assistant=None, **options):

@@ -17,10 +17,16 @@ from conftest import read_manifest
 from random_models import english_tokenizer_json, make_random_model, write_hf_folder
 from specwhisper import audio, load_model
 from specwhisper.decoding import DecodeStats, DecodingOptions
+from specwhisper.assistants import make_assistant
+from specwhisper.controller import DraftLengthController
+from specwhisper.drafters import Drafter, Drafts, TokenBridge
 from specwhisper.errors import IncompatibleAssistantError
-from specwhisper.speculative import (DraftLengthController, TokenBridge, greedy_accept, make_assistant,
-                                     sample_accept)
-from specwhisper.transcribe import decode_window, first_window_mel
+from specwhisper.speculative import greedy_accept, sample_accept
+from specwhisper.transcribe import decode_window
+
+
+def first_window_mel_of(model, samples):
+    return audio.first_window_mel(samples, model.dims.n_mels)
 
 # ---------------------------------------------------------------- the pure accept rules
 
@@ -82,13 +88,14 @@ def test_a_wrong_residual_would_be_caught():
 def test_adaptive_draft_length_grows_with_cheap_accurate_drafts_and_stops_when_they_do_not_pay():
     controller = DraftLengthController(gamma=4)
     for _ in range(10):  # drafts cost 2% of a pass and nearly all pass
-        controller.update(drafted=4, accepted=4, draft_seconds=0.0008, verify_seconds=0.01, n_positions=5, tokens=5)
+        controller.update(drafted=4, accepted=4, draft_seconds=0.0008, verify_seconds=0.01, n_positions=5, tokens=5,
+                          rejections=0)
     assert controller.next_gamma() > 4
     slow = DraftLengthController(gamma=4)
     for _ in range(10):  # drafts cost as much as a pass and half are rejected
-        slow.update(drafted=4, accepted=1, draft_seconds=0.04, verify_seconds=0.01, n_positions=5, tokens=2)
+        slow.update(drafted=4, accepted=1, draft_seconds=0.04, verify_seconds=0.01, n_positions=5, tokens=2, rejections=1)
     assert slow.next_gamma() == 0
-    slow.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.01, n_positions=1, tokens=40)
+    slow.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.01, n_positions=1, tokens=40, rejections=0)
     assert slow.next_gamma() == 1  # re-probes after enough tokens without drafting
 
 
@@ -102,7 +109,8 @@ def test_adaptive_draft_length_learns_what_each_verified_position_costs():
         gamma = 1 + i % 4
         for controller, per_position in ((flat, 0.0), (steep, 0.004)):
             controller.update(drafted=gamma, accepted=gamma - 1, draft_seconds=0.002 * gamma,
-                              verify_seconds=0.01 + per_position * gamma, n_positions=gamma + 1, tokens=gamma)
+                              verify_seconds=0.01 + per_position * gamma, n_positions=gamma + 1, tokens=gamma,
+                              rejections=1)
             controller.gamma = 1 + (i + 1) % 4  # keep probing every size, as varied rounds do
     # The ridge pulls the slope towards its prior (3 % of a pass per position): passes of 2-5
     # positions (variance 1.25) move it most of the way to the data's.
@@ -123,8 +131,10 @@ def test_one_slow_pass_among_passes_of_one_size_does_not_fit_a_steep_slope():
     steep per-position cost, which made the controller stop drafting."""
     controller = DraftLengthController(gamma=2, prior_slope_fraction=0.03)  # the prior of those measurements
     for _ in range(30):
-        controller.update(drafted=2, accepted=2, draft_seconds=0.009, verify_seconds=0.016, n_positions=3, tokens=3)
-    controller.update(drafted=3, accepted=3, draft_seconds=0.0135, verify_seconds=0.0246, n_positions=4, tokens=4)
+        controller.update(drafted=2, accepted=2, draft_seconds=0.009, verify_seconds=0.016, n_positions=3, tokens=3,
+                          rejections=0)
+    controller.update(drafted=3, accepted=3, draft_seconds=0.0135, verify_seconds=0.0246, n_positions=4, tokens=4,
+                      rejections=0)
     assert controller.verify_per_token_seconds < 0.002
     assert controller.next_gamma() >= 2
 
@@ -134,14 +144,16 @@ def test_one_slow_round_does_not_switch_drafting_off():
     amount, so a draft that pays keeps drafting; a lasting slowdown still switches it off."""
     controller = DraftLengthController(gamma=3)
     for _ in range(20):
-        controller.update(drafted=3, accepted=2, draft_seconds=0.006, verify_seconds=0.012, n_positions=4, tokens=3)
+        controller.update(drafted=3, accepted=2, draft_seconds=0.006, verify_seconds=0.012, n_positions=4, tokens=3,
+                          rejections=1)
     assert controller.next_gamma() >= 2
-    controller.update(drafted=3, accepted=2, draft_seconds=0.12, verify_seconds=0.24, n_positions=4, tokens=3)
+    controller.update(drafted=3, accepted=2, draft_seconds=0.12, verify_seconds=0.24, n_positions=4, tokens=3,
+                      rejections=1)
     assert controller.next_gamma() >= 1
     assert controller.draft_step_seconds < 0.0026 and controller.verify_base_seconds < 0.016
     for _ in range(30):  # drafts now really cost 10 ms each: no longer worth it
         controller.update(drafted=controller.gamma or 1, accepted=0, draft_seconds=0.04, verify_seconds=0.012,
-                          n_positions=2, tokens=1)
+                          n_positions=2, tokens=1, rejections=1)
     assert controller.next_gamma() == 0
 
 
@@ -152,10 +164,10 @@ def test_the_catch_up_sync_after_rounds_without_drafts_is_not_charged_to_the_pro
         controller = DraftLengthController(gamma=2)
         for _ in range(20):  # drafts cost 3 ms a token, a 3-position pass 12 ms, α 0.5
             controller.update(drafted=2, accepted=1, draft_seconds=0.006, verify_seconds=0.012, n_positions=3,
-                              tokens=2)
+                              tokens=2, rejections=1)
         for _ in range(5):  # five probes, each one draft: a 20 ms catch-up sync and 0.5 ms of drafting
             controller.update(drafted=1, accepted=1, draft_seconds=0.020 + 0.0005, verify_seconds=0.012,
-                              n_positions=2, tokens=2, catch_up_seconds=catch_up_seconds)
+                              n_positions=2, tokens=2, rejections=0, catch_up_seconds=catch_up_seconds)
         return controller
     told, untold = probed(0.020), probed(0.0)
     assert told.draft_step_seconds < 0.004  # the catch-up counted as a usual sync (~3 ms) plus 0.5 ms
@@ -167,12 +179,12 @@ def test_the_controller_carries_its_estimates_to_the_next_window(random_main):
     assistant = make_assistant(random_main, random_main)
     first = assistant.new_controller()
     for _ in range(10):
-        first.update(drafted=2, accepted=0, draft_seconds=0.01, verify_seconds=0.01, n_positions=3, tokens=1)
+        first.update(drafted=2, accepted=0, draft_seconds=0.01, verify_seconds=0.01, n_positions=3, tokens=1, rejections=1)
     assistant.remember(first)
     second = assistant.new_controller()
     assert second is not first and second.gamma == first.gamma == 0
     assert second.draft_step_seconds == first.draft_step_seconds and second.acceptance == first.acceptance
-    second.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.5, n_positions=1, tokens=1)
+    second.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.5, n_positions=1, tokens=1, rejections=0)
     assert first._fit_sums != second._fit_sums  # a copy: the next window's rounds do not rewrite the last's
     constant = make_assistant(random_main, random_main, draft_length=3)
     constant.remember(constant.new_controller())
@@ -181,7 +193,8 @@ def test_the_controller_carries_its_estimates_to_the_next_window(random_main):
 
 def test_constant_draft_length_stays_put():
     controller = DraftLengthController(gamma=3, adaptive=False)
-    controller.update(drafted=3, accepted=0, draft_seconds=1.0, verify_seconds=0.01, n_positions=4, tokens=1)
+    controller.update(drafted=3, accepted=0, draft_seconds=1.0, verify_seconds=0.01, n_positions=4, tokens=1,
+                      rejections=1)
     assert controller.next_gamma() == 3
 
 
@@ -277,6 +290,44 @@ def test_sampling_runs_and_respects_the_rules(random_main, random_mels, tmp_path
     assert stats.drafted > 0
 
 
+class PromptLookupDrafter(Drafter):
+    """A new kind of drafter, written against the `Drafter` interface alone (nothing in the loop knows
+    it): after the last `n` tokens, propose what followed their latest earlier occurrence in the
+    prompt and the text so far (prompt lookup, no model at all)."""
+
+    def __init__(self, n: int = 2, draft_length: int = 4):
+        super().__init__(draft_length)
+        self.n = n
+        self.proposed = 0
+
+    def prepare(self, window, prompt_hidden):
+        self.prompts = window.prompts
+
+    def sync(self, contexts):
+        self.contexts = contexts
+
+    def propose(self, gamma):
+        drafts = []
+        for prompt, context in zip(self.prompts, self.contexts):
+            text = prompt + (context or [])
+            key = text[-self.n:]
+            earlier = [i for i in range(len(text) - self.n) if text[i:i + self.n] == key]
+            start = earlier[-1] + self.n if earlier and context is not None else len(text)
+            drafts.append(text[start:start + gamma])
+        self.proposed += sum(len(d) for d in drafts)
+        return Drafts(drafts)
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_a_drafter_added_without_touching_the_loop_equals_greedy(random_main, random_mels, timestamps):
+    drafter = PromptLookupDrafter()
+    greedy, _ = decode(random_main, random_mels, timestamps=timestamps)
+    spec, stats = decode(random_main, random_mels, drafter, timestamps=timestamps)
+    assert spec == greedy
+    assert drafter.proposed > 0 and stats.drafted > 0
+    assert stats.tokens_per_main_pass > 1.0  # random weights repeat themselves: some lookups pass
+
+
 def test_mismatched_mel_bins_are_refused(random_main, tmp_path):
     other = make_random_model(tmp_path / "m128", n_mels=128)
     with pytest.raises(IncompatibleAssistantError, match="mel bins"):
@@ -315,7 +366,7 @@ def test_speculative_equals_greedy_on_every_dev_clip_base_with_tiny_en(base_mode
     # which depends on the machine's load; acceptance and tokens per pass should not.
     constant = make_assistant(base_model, tiny_en_assistant.model, draft_length=4)
     for row in rows:
-        mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+        mel = first_window_mel_of(base_model, audio.load_audio(row["path"]))[None]
         greedy, _ = decode_full(base_model, mel, None)
         spec, stats = decode_full(base_model, mel, constant)
         total.add(stats)
@@ -338,7 +389,7 @@ def decode_full(model, mel, assistant, **options):
 
 def test_batched_speculative_equals_single_on_real_clips(base_model, tiny_en_assistant):
     rows = read_manifest("dev")[:6]
-    mels = torch.stack([first_window_mel(base_model, audio.load_audio(r["path"])) for r in rows])
+    mels = torch.stack([first_window_mel_of(base_model, audio.load_audio(r["path"])) for r in rows])
     # A constant γ, so that drafts are made whatever the adaptive controller learned in earlier tests
     # (it carries its estimates from window to window, and tiny.en does not pay on this CPU).
     constant = make_assistant(base_model, tiny_en_assistant.model, draft_length=3)
@@ -354,7 +405,7 @@ def test_batched_speculative_equals_single_on_real_clips(base_model, tiny_en_ass
 def test_timestamp_mode_equals_greedy_on_real_clips(base_model, tiny_en_assistant):
     constant = make_assistant(base_model, tiny_en_assistant.model, draft_length=3)  # see the batched test
     for row in read_manifest("dev")[:4]:
-        mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+        mel = first_window_mel_of(base_model, audio.load_audio(row["path"]))[None]
         greedy, _ = decode_full(base_model, mel, None, timestamps=True)
         spec, stats = decode_full(base_model, mel, constant, timestamps=True)
         assert spec == greedy, row["file"]
@@ -364,7 +415,7 @@ def test_timestamp_mode_equals_greedy_on_real_clips(base_model, tiny_en_assistan
 
 def test_english_only_assistant_on_other_languages_falls_back_with_a_warning(base_model, tiny_en_assistant):
     row = next(r for r in read_manifest("multilingual") if r["language"] == "de")
-    mel = first_window_mel(base_model, audio.load_audio(row["path"]))[None]
+    mel = first_window_mel_of(base_model, audio.load_audio(row["path"]))[None]
     options = DecodingOptions(language="de")
     with pytest.warns(UserWarning, match="English-only"):
         spec = decode_window(base_model, mel, options, assistant=tiny_en_assistant)[0].tokens
