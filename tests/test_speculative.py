@@ -295,10 +295,9 @@ class PromptLookupDrafter(Drafter):
     it): after the last `n` tokens, propose what followed their latest earlier occurrence in the
     prompt and the text so far (prompt lookup, no model at all)."""
 
-    def __init__(self, n: int = 2, draft_length: int = 4):
+    def __init__(self, n: int = 1, draft_length: int = 4):
         super().__init__(draft_length)
         self.n = n
-        self.proposed = 0
 
     def prepare(self, window, prompt_hidden):
         self.prompts = window.prompts
@@ -314,18 +313,25 @@ class PromptLookupDrafter(Drafter):
             earlier = [i for i in range(len(text) - self.n) if text[i:i + self.n] == key]
             start = earlier[-1] + self.n if earlier and context is not None else len(text)
             drafts.append(text[start:start + gamma])
-        self.proposed += sum(len(d) for d in drafts)
         return Drafts(drafts)
 
 
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_a_drafter_added_without_touching_the_loop_equals_greedy(random_main, random_mels, timestamps):
-    drafter = PromptLookupDrafter()
     greedy, _ = decode(random_main, random_mels, timestamps=timestamps)
-    spec, stats = decode(random_main, random_mels, drafter, timestamps=timestamps)
+    spec, stats = decode(random_main, random_mels, PromptLookupDrafter(), timestamps=timestamps)
     assert spec == greedy
-    assert drafter.proposed > 0 and stats.drafted > 0
-    assert stats.tokens_per_main_pass > 1.0  # random weights repeat themselves: some lookups pass
+    assert stats.drafted > 0
+
+
+def test_prompt_lookup_drafts_from_the_previous_window_on_real_speech(base_model):
+    """Long-form: the second window is prompted with the first one's text, which a lookup drafter
+    reuses; the transcript is greedy's, and some of those drafts pass."""
+    samples = audio.load_audio(read_manifest("long")[0]["path"])[: audio.SAMPLE_RATE * 40]
+    greedy = base_model.transcribe(samples, language="en", temperature=0.0)
+    spec = base_model.transcribe(samples, language="en", temperature=0.0, assistant=PromptLookupDrafter())
+    assert spec.tokens == greedy.tokens
+    assert spec.stats.accepted > 0 and spec.stats.tokens_per_main_pass > 1.0
 
 
 def test_mismatched_mel_bins_are_refused(random_main, tmp_path):
