@@ -16,9 +16,10 @@ All tensors are (batch, heads, length, head_dim).
   cache (a draft's training forward).
 
 Exactness is state, set once per decoder pass: inside `positions_computed_alone(True)`
-(the main decoder after its prompt) the CPU path computes each (row, new position) in a
-call of its own, so a position's result does not depend on how many are verified together
-(`one_position_at_a_time`; why: docs/exactness.md).
+(the main decoder after its prompt) every (row, new position) must get the bits it would get
+alone, however many are verified together (why: docs/exactness.md). On the CPU the decoder
+attention kernel (`kernels/cpu_attention.py`) gives that by construction, in one call; where it
+cannot be built, each position runs in an SDPA call of its own (`one_position_at_a_time`).
 
 Backends
 --------
@@ -26,10 +27,12 @@ Backends
 the implementation for all three:
 
 - "auto" (default): the Triton kernels for CUDA fp16 tensors on a GPU where
-  they are known to work (`triton_unavailable_reason` says why not), PyTorch
-  SDPA for everything else (CPU, bf16, fp32). If a kernel fails to compile or
-  launch, that attention kind warns once and uses SDPA for the rest of the
-  process.
+  they are known to work (`triton_unavailable_reason` says why not); on the CPU
+  in fp32, the C decoder kernel for self- and cross-attention of up to
+  CPU_KERNEL_MAX_QUERIES new tokens, and always after the prompt
+  (`cpu_kernel_unavailable_reason` says why not); PyTorch SDPA for everything
+  else. If a Triton kernel fails to compile or launch, that attention kind warns
+  once and uses SDPA for the rest of the process.
 - "torch": always SDPA.
 - "triton": always the kernels; errors are raised, never hidden. On CPU tensors
   this works only under the Triton interpreter (TRITON_INTERPRET=1 set before
@@ -56,6 +59,9 @@ from torch import Tensor
 BACKENDS = ("auto", "torch", "triton")
 ATTENTION_KINDS = ("self", "cross", "encoder")
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # power-of-two tiles; Whisper uses 64 everywhere
+# New tokens up to which "auto" prefers the CPU decoder kernel outside exact mode (drafts, short prompts);
+# a long prompt is a matrix-matrix product, where SDPA's blocked kernel is the faster one.
+CPU_KERNEL_MAX_QUERIES = 16
 
 _backend = "auto"
 _last_used: dict[str, str] = {}  # kind -> backend that ran its latest call
@@ -92,7 +98,7 @@ def use_attention_backend(name: str) -> Iterator[None]:
 
 
 def last_backend_used() -> dict[str, str]:
-    """{"self" | "cross" | "encoder": "torch" | "triton"} for each kind's latest call."""
+    """{"self" | "cross" | "encoder": "torch" | "triton" | "cpu"} for each kind's latest call."""
     return dict(_last_used)
 
 
@@ -115,6 +121,27 @@ def _kernels() -> SimpleNamespace:
     interpreter switch (TRITON_INTERPRET) is read when the kernels are defined."""
     from .kernels import cross_attention, decode_attention, encoder_attention
     return SimpleNamespace(decode=decode_attention, cross=cross_attention, encoder=encoder_attention)
+
+
+def _cpu_kernel():
+    """specwhisper.kernels.cpu_attention (plain Python and ctypes: importing it imports no triton)."""
+    from .kernels import cpu_attention
+    return cpu_attention
+
+
+def cpu_kernel_unavailable_reason() -> str | None:
+    """None if the CPU decoder attention kernel is built and checked here, else why not."""
+    return _cpu_kernel().unavailable_reason()
+
+
+def _use_cpu_kernel(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """"auto"'s rule on the CPU: the C kernel, in exact mode or for a few new tokens, where it runs."""
+    if _backend != "auto" or q.device.type != "cpu":
+        return False
+    if not (_positions_alone.get() or q.shape[2] <= CPU_KERNEL_MAX_QUERIES):
+        return False
+    kernel = _cpu_kernel()
+    return kernel.supports(q, k, v) and kernel.load_library() is not None
 
 
 def _kernels_interpreted() -> bool:
@@ -269,6 +296,10 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
             q, k_cache, v_cache, q_start, key_bound=key_bound))
         if out is not None:
             return out
+    if _use_cpu_kernel(q, k_cache, v_cache):
+        _record("self", "cpu")
+        n_keys = q_start[:, None] + torch.arange(1, n_new + 1, device=q.device)  # (B, T): query i sees start + i + 1
+        return _cpu_kernel().cached_attention(q, k_cache, v_cache, n_keys)
     _record("self", "torch")
     if one_position_at_a_time(q):
         starts = q_start.tolist()  # the CPU only: no device sync
@@ -295,6 +326,10 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = _run_triton("cross", lambda kern: kern.cross.cross_attention(q, k, v))
         if out is not None:
             return out
+    if _use_cpu_kernel(q, k, v):
+        _record("cross", "cpu")
+        n_keys = torch.full((q.shape[0], q.shape[2]), k.shape[2], dtype=torch.int64)  # (B, T): every key
+        return _cpu_kernel().cached_attention(q, k, v, n_keys)
     _record("cross", "torch")
     if one_position_at_a_time(q):
         return _each_position(q, lambda row, i: F.scaled_dot_product_attention(

@@ -7,19 +7,22 @@ ones (a near-tie between the two best tokens, ~1 in 1,000 tokens within 0.01 on 
 could otherwise go the other way). These tests compare hidden states with torch.equal after
 the whole decoder, on the real base model (fp16-valued weights: fbgemm's fp16 GEMM) and on a
 random-weight model (fp32 weights: oneDNN, its widest product sliced), in one row and in
-batches whose rows start at different positions. Before attention was computed one position at
-a time (specwhisper.attention.one_position_at_a_time), base's verify passes differed from its
-steps by up to 5e-4 in the hidden states.
+batches whose rows start at different positions, with both exact attention paths: the CPU
+decoder kernel (backend "auto") and SDPA one position at a time (backend "torch", where no C
+compiler is found). With SDPA computing the whole block at once, base's verify passes differed
+from its steps by up to 5e-4 in the hidden states.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from conftest import read_manifest
 from random_models import make_random_model
-from specwhisper import audio
+from specwhisper import attention, audio
 from specwhisper.decoding import prefill
 from specwhisper.kv_cache import AudioKV
 from specwhisper.prepack import PackedLinear
@@ -36,6 +39,15 @@ def repeat_rows(audio_kv: AudioKV, batch: int) -> AudioKV:
                    [v.expand(batch, -1, -1, -1).contiguous() for v in audio_kv.values])
 
 TEXT = " The history of the art of printing, the most important of all the arts"
+
+
+@pytest.fixture(params=["auto", "torch"], autouse=True)
+def backend(request):
+    """Every test runs with the CPU decoder kernel and with per-position SDPA."""
+    if request.param == "auto" and attention.cpu_kernel_unavailable_reason() is not None:
+        pytest.skip(f"CPU attention kernel unavailable: {attention.cpu_kernel_unavailable_reason()}")
+    with attention.use_attention_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +122,14 @@ def test_a_verify_pass_gives_an_fp32_model_the_bits_of_single_steps(sliced_rando
     for rows in (1, 2):
         together, one_by_one = block_and_steps(model, audio_kv, prompts_for(model, rows), block)
         assert torch.equal(together, one_by_one), f"max difference {(together - one_by_one).abs().max():.3g}"
+
+
+def test_without_exact_attention_the_bits_differ(base_window, monkeypatch):
+    """The check above can fail: SDPA over the whole block (what the decoder did before exactness)
+    gives a verify pass other bits than single steps."""
+    monkeypatch.setattr(attention, "positions_computed_alone", lambda enabled=True: nullcontext())
+    model, audio_kv = base_window
+    with attention.use_attention_backend("torch"):
+        together, one_by_one = block_and_steps(model, audio_kv, prompts_for(model, 1),
+                                               model.tokenizer.encode(TEXT)[:13])
+    assert not torch.equal(together, one_by_one)
