@@ -97,29 +97,51 @@ def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- building and loading
 
-_failure: list[str] = []
+KERNELS = Path(__file__).parent
+_failures: dict[str, str] = {}  # C source name -> why it could not be built or checked
 
 
 def unavailable_reason() -> str | None:
-    """None when the kernel is built and passed its check, else why not (one line)."""
+    """None when this kernel is built and passed its check, else why not (one line)."""
     load_library()
-    return _failure[0] if _failure else None
+    return _failures.get(SOURCE.name)
 
 
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
-    """Compile cpu_attention.c once per machine into the specwhisper cache, load it and check it against
-    the reference; None (and `unavailable_reason`) when any of that fails."""
+    """The compiled attention kernel, checked against the reference; None (see `unavailable_reason`) if not."""
+    library = build_library(SOURCE.name)
+    if library is None:
+        return None
+    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.cached_attention.argtypes = [pointer] * 5 + [size] * 9 + [real, pointer, ctypes.c_int]
+    library.cached_attention.restype = None
+    try:
+        _check(library)
+    except RuntimeError as err:
+        _failures[SOURCE.name] = str(err)
+        return None
+    return library
+
+
+def build_library(source_name: str) -> ctypes.CDLL | None:
+    """Compile kernels/<source_name> once per machine into the specwhisper cache and load it; None when that
+    fails (the reason is kept for `failure(source_name)`). SPECWHISPER_CPU_KERNEL=0 turns every C kernel off."""
+    if source_name in _failures:
+        return None
     if os.environ.get("SPECWHISPER_CPU_KERNEL", "1") == "0":
-        _failure.append("disabled by SPECWHISPER_CPU_KERNEL=0")
+        _failures[source_name] = "disabled by SPECWHISPER_CPU_KERNEL=0"
         return None
     try:
-        library = _load(_build())
-        _check(library)
-        return library
-    except Exception as err:  # noqa: BLE001 - no compiler, a failed build, a wrong result: say why, fall back
-        _failure.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+        return ctypes.CDLL(str(_build(KERNELS / source_name)))
+    except Exception as err:  # noqa: BLE001 - no compiler, a failed build: say why, fall back
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        _failures[source_name] = f"{type(err).__name__}: {message}"
         return None
+
+
+def failure(source_name: str) -> str | None:
+    return _failures.get(source_name)
 
 
 def _compiler() -> str:
@@ -129,17 +151,17 @@ def _compiler() -> str:
     raise RuntimeError("no C compiler found (set CC, or install gcc)")
 
 
-def _build() -> Path:
-    """The compiled library's path, building it if this source, compiler and CPU have none yet."""
+def _build(source: Path) -> Path:
+    """The compiled library's path, building it if these sources, this compiler and this CPU have none yet."""
     from ..weights.resolve import cache_dir
 
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    source = SOURCE.read_bytes()
+    sources = b"".join(path.read_bytes() for path in sorted(KERNELS.glob("*.c")))  # a source may include another
     cpu = platform.processor() + platform.machine() + _cpu_flags()
-    key = hashlib.sha256(source + version.encode() + cpu.encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + version.encode() + cpu.encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
-    target = folder / f"cpu_attention-{key}.so"
+    target = folder / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,13 +169,13 @@ def _build() -> Path:
     for flags in FLAG_SETS:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / target.name
-            run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(SOURCE), "-lm"],
-                                 capture_output=True, text=True, check=False)
+            run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-I", str(KERNELS), "-o", str(built),
+                                  str(source), "-lm"], capture_output=True, text=True, check=False)
             if run.returncode == 0:
                 os.replace(built, target)  # atomic: another process may be building the same file
                 return target
             errors.append(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[-1]}")
+    raise RuntimeError(f"{compiler} could not build {source.name}: {errors[-1]}")
 
 
 def _cpu_flags() -> str:
@@ -164,14 +186,6 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return ""
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
-    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    library.cached_attention.argtypes = [pointer] * 5 + [size] * 9 + [real, pointer, ctypes.c_int]
-    library.cached_attention.restype = None
-    return library
 
 
 def _check(library: ctypes.CDLL) -> None:

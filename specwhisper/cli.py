@@ -61,8 +61,9 @@ def add_transcribe_command(commands) -> None:
     t.add_argument("--model", default="base", help="model name (base, tiny.en, large-v3, ...), hub id or folder (default: base)")
     t.add_argument("--assistant", default=None,
                    help="assistant for speculative decoding: 'auto' (the distilled draft made for --model, when "
-                   "there is one: see `specwhisper distill`), a model name, hub id or folder, a draft folder, or "
-                   f"'none' (default: {DEFAULT_ASSISTANT})")
+                   "there is one: see `specwhisper distill`), a model name, hub id or folder, a draft folder, "
+                   "'free' (only drafts that cost nothing: a window's likely start, repeated phrases), or 'none' "
+                   f"(plain greedy decoding; default: {DEFAULT_ASSISTANT}). All but none add the free drafts.")
     t.add_argument("--language", default=None, help="language code or name (en, de, german, ...); default: detect "
                    "on the first 30 s of each file")
     t.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
@@ -245,19 +246,24 @@ def _transcribe_files(args: argparse.Namespace) -> int:
 
 
 def resolve_assistant(model, choice: str, draft_length: int | None, explicit: bool):
-    """--assistant: None for 'none'; for 'auto', the draft made for this model or None (said on stderr
-    when the user asked for auto by name); otherwise the named model or draft folder, checked."""
+    """--assistant: None for 'none' (plain greedy decoding); otherwise free drafts (long-form hints, prompt
+    lookup) around a model drafter: for 'auto' the draft made for this model, when there is one (said on
+    stderr when the user asked for auto by name and there is none); for 'free' none; otherwise the named
+    model or draft folder, checked."""
     from .assistants import load_assistant, resolve_auto_assistant
+    from .drafters import FreeDrafter
 
     if choice.lower() == "none":
         return None
+    if choice.lower() == "free":
+        return FreeDrafter(None)
     if choice.lower() == "auto":
         assistant = resolve_auto_assistant(model, draft_length=draft_length)
         if assistant is None and explicit:
             say(f"specwhisper: no distilled draft for {model.name} (make one with `specwhisper distill`); "
-                "decoding without an assistant")
-        return assistant
-    return load_assistant(model, choice, draft_length=draft_length)
+                "decoding with free drafts only")
+        return FreeDrafter(assistant)
+    return FreeDrafter(load_assistant(model, choice, draft_length=draft_length))
 
 
 def _print_transcript(result, timestamps: bool) -> None:

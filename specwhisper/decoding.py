@@ -53,15 +53,19 @@ class DecodeStats:
 
     generated_tokens: int = 0
     main_passes: int = 0  # decoder forward passes of the main model after the prompt
-    drafted: int = 0
+    drafted: int = 0  # every draft verified (free ones included)
     accepted: int = 0
     rejections: int = 0  # speculative: rounds in which the main model rejected a draft
+    free_drafted: int = 0  # drafts that cost nothing to make (specwhisper.drafters.FreeDrafter)
+    free_accepted: int = 0
     encoder_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)  # speculative: drafts accepted in each round
+    gammas: list[int] = field(default_factory=list)  # speculative: γ chosen for each round
+    windows: list[dict] = field(default_factory=list)  # one record per decode call (`window_record`)
 
     @property
     def acceptance_rate(self) -> float:
@@ -90,8 +94,10 @@ class DecodeStats:
         return dict(sorted(counts.items()))
 
     def as_dict(self) -> dict:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "accepted_per_round"}
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__
+               if name not in ("accepted_per_round", "gammas", "windows")}
         out["acceptance_histogram"] = self.acceptance_histogram()
+        out["mean_gamma"] = sum(self.gammas) / len(self.gammas) if self.gammas else 0.0
         out["acceptance_rate"] = self.acceptance_rate
         out["position_acceptance"] = self.position_acceptance
         out["tokens_per_main_pass"] = self.tokens_per_main_pass
@@ -342,6 +348,7 @@ class WindowBatch:
     rules: LogitRules
     options: DecodingOptions
     generator: torch.Generator | None = None  # sampling's random numbers (None: PyTorch's global ones)
+    hints: list[list[int]] | None = None  # per row: tokens it will likely decode first (free drafts)
 
 
 @dataclass
@@ -380,6 +387,16 @@ def end_window(model: Whisper, window: WindowBatch, state: DecodeState, stats: D
     settle_logprobs(model, window.rules, state.rows)
     stats.generated_tokens += sum(len(row.tokens) for row in state.rows)
     return [row.result(p, with_draft_mask) for row, p in zip(state.rows, state.no_speech)]
+
+
+def window_record(stats: DecodeStats) -> dict:
+    """A summary of one decode call's statistics (`stats` fresh for that call), for per-window plots."""
+    return {"tokens": stats.generated_tokens, "passes": stats.main_passes, "drafted": stats.drafted,
+            "accepted": stats.accepted, "free_drafted": stats.free_drafted, "free_accepted": stats.free_accepted,
+            "mean_gamma": sum(stats.gammas) / len(stats.gammas) if stats.gammas else 0.0,
+            "encoder_seconds": stats.encoder_seconds, "prefill_seconds": stats.prefill_seconds,
+            "decode_seconds": stats.decode_seconds, "draft_seconds": stats.draft_seconds,
+            "verify_seconds": stats.verify_seconds}
 
 
 def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBatch,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import IncompatibleAssistantError
+from .kernels import cpu_draft
 from .kv_cache import AudioKV, KVCache
 from .model import DecoderBlock, TextDecoder, Whisper, cross_attention_kv, new_decoder_cache, run_blocks, tied_logits
 from .prepack import Int8Linear, PackedLinear, is_packed, prepack_blocks
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .speech_model import SpeechModel
 
 HEADS = ("full", "shortlist", "lowrank")
+KERNEL_MAX_TOKENS = 4  # tokens per row fed through the fused C step; a longer block (a prompt) runs as one pass
 DEFAULT_RANK = 64  # low-rank head: 64 of base's 512 dimensions cost 1/8 of the full projection
 
 
@@ -151,6 +153,9 @@ class DraftDecoder(nn.Module):
         self.fuse = nn.Linear(2 * n_state, n_state, device=like.device, dtype=like.dtype) if features else None
         self.fuse_norm = nn.LayerNorm(n_state, device=like.device, dtype=like.dtype) if features else None
         self.output_projection: nn.Module | None = None  # a head; None: the main model's tied projection
+        # The same step fused into one C call (kernels/cpu_draft.py), installed by `DraftNetwork.prepack`
+        # on the CPU: used to feed a few tokens into a cache, the drafting case.
+        self.step_kernel = None
 
     @property
     def reads_features(self) -> bool:
@@ -174,11 +179,25 @@ class DraftDecoder(nn.Module):
         """tokens (B, T) -> hidden states (B, T, C) after the final LayerNorm. With a cache: at its
         lengths, appended to it. Without: from position 0, causal, differentiable (training).
         features (B, T, C): the main model's hidden state one position before each token."""
+        if cache is not None and self.step_kernel is not None and tokens.shape[1] <= KERNEL_MAX_TOKENS:
+            return self._kernel_forward(tokens, audio_kv, cache, features)
         if cache is not None:
             positions = cache.positions(tokens.shape[1])  # (B, T)
         else:
             positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
         return self.ln(run_blocks(self.blocks, self.embed(tokens, positions, features), audio_kv, cache))
+
+    def _kernel_forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache, features: Tensor | None) -> Tensor:
+        """`forward` with a cache, one token at a time through the fused C step."""
+        if self.fuse is not None and features is None:
+            raise ValueError("this draft reads the main model's hidden states: pass `features`")
+        positions = cache.positions(tokens.shape[1])  # (B, T)
+        hidden = [self.step_kernel(tokens[:, t].contiguous(), positions[:, t].contiguous(),
+                                   None if features is None else features[:, t], cache.keys, cache.values,
+                                   audio_kv.keys, audio_kv.values)
+                  for t in range(tokens.shape[1])]
+        cache.advance(tokens.shape[1])
+        return torch.stack(hidden, dim=1)  # (B, T, C)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return tied_logits(hidden, self.token_embedding, self.output_projection)
@@ -246,8 +265,10 @@ class DraftNetwork(nn.Module):
         """The CPU fast path for the draft's own modules (the shared encoder is the main model's
         business): the same block pass as the main model's, in int8 if asked (`Int8Linear`); a packed
         head, or the main model's packed projection for the full head."""
-        prepack_blocks(self.decoder.blocks, Int8Linear if int8 else PackedLinear)
         decoder = self.decoder
+        if int8 and cpu_draft.load_library() is not None:  # from the plain modules, before they are packed
+            decoder.step_kernel = cpu_draft.DraftStep.build(decoder, self.dims.n_text_ctx)
+        prepack_blocks(decoder.blocks, Int8Linear if int8 else PackedLinear)
         if decoder.reads_features and isinstance(decoder.fuse, nn.Linear):
             decoder.fuse = PackedLinear(decoder.fuse.weight, decoder.fuse.bias)
         if isinstance(decoder.output_projection, (ShortlistHead, LowRankHead)):

@@ -3,12 +3,13 @@
 The speculative loop talks to every drafter through the same calls, and never asks what kind it holds:
 
     prepare(window, prompt_hidden)  once per batch of windows: the audio, the prompts, the options
-    sync(contexts)                  before drafting: each row's accepted tokens so far (main vocabulary)
-    propose(gamma)                  up to γ tokens per row (main vocabulary), and their distributions
+    sync(contexts)                  each round: each row's accepted tokens so far (main vocabulary)
+    propose(gamma)                  up to γ tokens per row (main vocabulary), and their distributions;
+                                    γ = 0 asks only for free drafts (those that cost nothing to make)
     verified(outcome)               after each verify pass: what the main model decided, with its hidden states
     can_draft(language)             whether it can draft for audio in this language at all
 
-plus the γ policy every drafter carries (`new_controller`, `remember`: specwhisper.controller).
+plus the γ policy every drafter carries (`controller`: specwhisper.controller).
 Whatever a drafter proposes, verification keeps the output the main model's own; a drafter only
 changes how many tokens each main pass decides.
 
@@ -19,6 +20,7 @@ Implementations:
   - `CrossTokenizerDrafter`: an assistant with another vocabulary (English-only tiny.en for
     multilingual base), bridged through the tokens' bytes (`TokenBridge`);
   - `FeatureDrafter`: a distilled draft that also reads the main model's hidden states;
+  - `FreeDrafter`: drafts that cost nothing (long-form hints, prompt lookup), around any of the above;
   - `benchmarks/oracle.py` (a replay of greedy's tokens) and the tests' prompt-lookup drafter.
 """
 
@@ -48,10 +50,14 @@ class Drafts:
     # Sampling: per drafted token, the drafter's distribution over the main vocabulary (V,). None:
     # each draft is a fixed proposal (a point mass), as it is in greedy decoding.
     probs: list[list[Tensor]] | None = None
+    free: list[bool] | None = None  # per row: its drafts cost nothing to make (FreeDrafter)
 
     @classmethod
     def none(cls, batch_size: int) -> "Drafts":
         return cls([[] for _ in range(batch_size)])
+
+    def is_free(self, row: int) -> bool:
+        return bool(self.free and self.free[row])
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,8 @@ class Verified:
 
 
 class Drafter:
-    """The interface, with do-nothing defaults, and the γ policy: constant `draft_length`, or adaptive.
-
-    The adaptive controller's estimates at the end of a window are carried into the next: costs and
-    acceptance change little from one window to the next (docs/controller.md).
-    """
+    """The interface, with do-nothing defaults, and the γ policy: constant `draft_length`, or adaptive
+    (its costs calibrated on the first window, its acceptance carried from window to window)."""
 
     kind = "custom"  # how it relates to the main model: "same-vocabulary", "shared-encoder", ...
     reads_features = False  # it reads the main model's hidden states
@@ -77,9 +80,8 @@ class Drafter:
     def __init__(self, draft_length: int | None = None):
         if draft_length is not None and draft_length < 1:
             raise IncompatibleAssistantError("--draft-length must be at least 1")
-        self.controller_template = DraftLengthController(gamma=draft_length, adaptive=False) if draft_length \
+        self.controller = DraftLengthController(gamma=draft_length, adaptive=False) if draft_length \
             else DraftLengthController()
-        self.learned_controller: DraftLengthController | None = None
 
     @property
     def name(self) -> str:
@@ -100,25 +102,18 @@ class Drafter:
     def verified(self, outcome: Verified) -> None:
         """What the verify pass decided (feature drafts keep the main model's hidden states)."""
 
-    def new_controller(self) -> DraftLengthController:
-        template, learned = self.controller_template, self.learned_controller
-        if template.adaptive and learned is not None:
-            return replace(learned, _fit_sums=list(learned._fit_sums), tokens_since_off=0)
-        return DraftLengthController(gamma=template.gamma, adaptive=template.adaptive, max_gamma=template.max_gamma,
-                                     probe_every=template.probe_every)
-
-    def remember(self, controller: DraftLengthController) -> None:
-        """Keep an adaptive controller's estimates for the next window (`new_controller`)."""
-        if controller.adaptive:
-            self.learned_controller = controller
+    def model_drafter(self) -> Drafter | None:
+        """The part of this drafter whose drafts cost time to make (what `calibrate` times)."""
+        return self
 
 
 class ModelDrafter(Drafter):
     """A Whisper-shaped network stepped on its own KV cache, drafting γ tokens one step after another.
 
-    Its cache holds, per row, exactly the tokens in `fed`. `sync` rolls it back to the longest
-    common prefix with the accepted text and feeds the rest in one pass; `propose` then drafts
-    under the same rules as the main model (suppressed tokens, timestamp rules).
+    Its cache holds, per row, exactly the tokens in `fed`. Before drafting, it rolls back to the
+    longest common prefix with the accepted text `sync` gave it and feeds the rest in one pass (not
+    in rounds without drafts: the next round that drafts catches up), then drafts under the same rules
+    as the main model (suppressed tokens, timestamp rules).
     """
 
     def __init__(self, model: SpeechModel, shares_encoder: bool, draft_length: int | None = None):
@@ -156,6 +151,7 @@ class ModelDrafter(Drafter):
         self.context = self.model.dims.n_text_ctx
         self.cache = network.new_cache(batch)
         self.fed: list[list[int]] = [[] for _ in range(batch)]
+        self.contexts: list[list[int] | None] = [None] * batch
         self.next_logits: Tensor | None = None  # (B, V) after each row's last fed token
         self.last_hidden: Tensor | None = None  # (B, C)
         # The prompt (up to 224 tokens of previous text) is read here, once per window, so a round's
@@ -163,7 +159,10 @@ class ModelDrafter(Drafter):
         self._sync_to([p if len(p) <= self.context else None for p in self.prompts])
 
     def sync(self, contexts: list[list[int] | None]) -> None:
-        targets = [None if c is None else prompt + self.to_own(c) for prompt, c in zip(self.prompts, contexts)]
+        self.contexts = contexts
+
+    def _catch_up(self) -> None:
+        targets = [None if c is None else prompt + self.to_own(c) for prompt, c in zip(self.prompts, self.contexts)]
         self._sync_to([t if t is not None and len(t) <= self.context else None for t in targets])
 
     def _sync_to(self, targets: list[list[int] | None]) -> None:
@@ -201,6 +200,9 @@ class ModelDrafter(Drafter):
 
     def propose(self, gamma: int) -> Drafts:
         eot, batch = self.model.tokenizer.eot, len(self.fed)
+        if gamma == 0:
+            return Drafts.none(batch)
+        self._catch_up()
         # A row whose context would overflow (another vocabulary may need more tokens) drafts nothing.
         drafting = [active and len(fed) + gamma <= self.context for active, fed in zip(self.active, self.fed)]
         decided = [fed[len(prompt):] for fed, prompt in zip(self.fed, self.prompts)]  # accepted text, own tokens
@@ -340,3 +342,83 @@ class FeatureDrafter(ModelDrafter):
 
     def draft_inputs(self, last_hidden: Tensor) -> dict:
         return {"features": last_hidden[:, None]}  # (B, 1, C): its own, the main model's is not known yet
+
+
+class FreeDrafter(Drafter):
+    """Drafts that cost nothing to make, and the wrapped drafter's where there are none.
+
+    For each row, in order:
+      - its hint (`WindowBatch.hints`): the tokens the window will likely decode first, from long-form
+        decoding (the previous window's unfinished tail, re-timed; or the tokens of an attempt that
+        failed and is decoded again at a higher temperature), for as long as the row's text follows it;
+      - prompt lookup: after the row's last `min_match` tokens, what followed their latest earlier
+        occurrence in the prompt or the text so far (repeated names and phrases);
+      - otherwise the wrapped drafter's γ tokens (none without one).
+    Free drafts are verified as far as the controller's estimate of their acceptance makes worth it
+    (`DraftLengthController.free_length`), even in rounds where model drafting does not pay.
+    """
+
+    def __init__(self, inner: Drafter | None = None, min_match: int = 3, draft_length: int | None = None):
+        super().__init__(draft_length)
+        if inner is not None:
+            self.controller = inner.controller  # one policy: the wrapped drafter's γ, and free lengths
+        self.inner, self.min_match = inner, min_match
+        self.inner_drafts = False  # the wrapped drafter drafts for the current window
+        self.kind = f"free + {inner.kind}" if inner is not None else "free"
+
+    @property
+    def name(self) -> str:
+        return f"free drafts + {self.inner.name}" if self.inner is not None else "free drafts"
+
+    @property
+    def reads_features(self) -> bool:
+        return self.inner is not None and self.inner.reads_features
+
+    def model_drafter(self) -> Drafter | None:
+        return self.inner if self.inner_drafts else None
+
+    def prepare(self, window: WindowBatch, prompt_hidden: Tensor) -> None:
+        self.prompts = window.prompts
+        self.hints = window.hints or [[] for _ in window.prompts]
+        self.inner_drafts = self.inner is not None and all(self.inner.can_draft(lang) for lang in window.languages)
+        if self.inner_drafts:
+            self.inner.prepare(window, prompt_hidden)
+
+    def sync(self, contexts: list[list[int] | None]) -> None:
+        self.contexts = contexts
+        if self.inner_drafts:
+            self.inner.sync(contexts)
+
+    def propose(self, gamma: int) -> Drafts:
+        length = self.controller.free_length()
+        free = [[] if c is None else self.free_drafts(row, c, length) for row, c in enumerate(self.contexts)]
+        if not self.inner_drafts or gamma == 0 or all(free[r] or c is None for r, c in enumerate(self.contexts)):
+            return Drafts(free, free=[bool(f) for f in free])
+        if any(free):  # the wrapped drafter drafts only for the rows without free drafts
+            self.inner.sync([None if f else c for f, c in zip(free, self.contexts)])
+        model = self.inner.propose(gamma)
+        tokens = [f or m for f, m in zip(free, model.tokens)]
+        probs = None if model.probs is None else [[] if f else p for f, p in zip(free, model.probs)]
+        return Drafts(tokens, probs, free=[bool(f) for f in free])
+
+    def free_drafts(self, row: int, context: list[int], length: int) -> list[int]:
+        hint = self.hints[row]
+        if len(hint) > len(context) and hint[:len(context)] == context:
+            return hint[len(context):len(context) + length]
+        return prompt_lookup(self.prompts[row] + context, self.min_match, length)
+
+    def verified(self, outcome: Verified) -> None:
+        if self.inner_drafts:
+            self.inner.verified(outcome)
+
+
+def prompt_lookup(text: list[int], n: int, length: int) -> list[int]:
+    """After the last n tokens of `text`, the (up to) `length` tokens that followed their latest earlier
+    occurrence in it; none when they do not occur earlier."""
+    if len(text) <= n:
+        return []
+    key = text[-n:]
+    for start in range(len(text) - n - 1, -1, -1):
+        if text[start:start + n] == key:
+            return text[start + n:start + n + length]
+    return []

@@ -87,8 +87,9 @@ class TextTokenizer(Protocol):
 
 
 # (mel windows (B, n_mels, 3000), previous tokens per row, language per row (None: detect),
-#  temperature, stats to add to) -> one WindowResult per row
-DecodeFn = Callable[[Tensor, list[list[int]], list["str | None"], float, DecodeStats], list[WindowResult]]
+#  temperature, stats to add to, hints per row: tokens the window will likely decode first) -> a WindowResult per row
+DecodeFn = Callable[[Tensor, list[list[int]], list["str | None"], float, DecodeStats, list[list[int]]],
+                    list[WindowResult]]
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -158,6 +159,14 @@ def split_window(tokens: list[int], timestamp_begin: int, window_frames: int) ->
     return pieces, advance if advance > 0 else window_frames
 
 
+def retimed_tail(tokens: list[int], n_kept: int, timestamp_begin: int, advance_frames: int) -> list[int]:
+    """What a window decoded past its last complete segment (`tokens[n_kept:]`), with its timestamps moved
+    to the next window, which starts `advance_frames` later, at that segment's end: the next window
+    decodes the same speech again, so these are its likely first tokens (free drafts)."""
+    shift = advance_frames // FRAMES_PER_TIMESTAMP
+    return [max(t - shift, timestamp_begin) if t >= timestamp_begin else t for t in tokens[n_kept:]]
+
+
 # --------------------------------------------------------------------------- one file's state
 
 
@@ -180,6 +189,7 @@ class FileTranscript:
     windows: int = 0  # windows decoded (fallback retries not counted)
     fallbacks: int = 0  # re-decodes at a higher temperature
     info: dict[str, Any] = field(default_factory=dict)  # caller's bookkeeping (timings, duration)
+    hint: list[int] = field(default_factory=list)  # the last window's re-timed unfinished tail (`retimed_tail`)
 
     def __post_init__(self):
         self.history = list(self.initial_prompt) + self.history
@@ -206,6 +216,7 @@ class FileTranscript:
                    tokenizer: TextTokenizer, options: LongformOptions) -> None:
         """Take in the final decode of the window at `seek`: keep its segments and move seek on."""
         self.windows += 1
+        self.hint = []
         if self.language is None:
             self.language, self.language_probs = result.language, result.language_probs
         if is_silence(result.avg_logprob, result.no_speech_prob, options):
@@ -231,6 +242,8 @@ class FileTranscript:
                 compression_ratio=ratio, no_speech_prob=result.no_speech_prob))
             self.history.extend(piece.tokens)
             self.draft_mask.extend(piece_mask)
+        if advance < window_frames:
+            self.hint = retimed_tail(result.tokens, position, tokenizer.timestamp_begin, advance)
         self.seek += min(advance, window_frames)
         if not options.condition_on_previous_text or temperature > PROMPT_RESET_TEMPERATURE:
             self.prompt_start = len(self.history)
@@ -245,9 +258,11 @@ def decode_with_fallback(decode: DecodeFn, files: list[FileTranscript], mels: Te
     """Decode one window per file (rows of `mels`), retrying failed rows at the next temperature.
 
     Returns per row (final result, its temperature, its compression ratio). Only the rows that
-    failed are decoded again, as a smaller batch.
+    failed are decoded again, as a smaller batch. Hints: each file's re-timed tail first, then the
+    failed attempt's tokens (what the retry will largely decode again).
     """
     prompts = [f.prompt(options) for f in files]
+    hints = [f.hint for f in files]
     languages = [f.language for f in files]
     final: list[tuple[WindowResult, float, float] | None] = [None] * len(files)
     rows = list(range(len(files)))
@@ -255,7 +270,7 @@ def decode_with_fallback(decode: DecodeFn, files: list[FileTranscript], mels: Te
         stats = DecodeStats()
         picked = torch.tensor(rows) if len(rows) < len(files) else None
         results = decode(mels if picked is None else mels[picked], [prompts[r] for r in rows],
-                         [languages[r] for r in rows], temperature, stats)
+                         [languages[r] for r in rows], temperature, stats, [hints[r] for r in rows])
         for r in rows:
             files[r].stats.add(stats)
             files[r].fallbacks += attempt > 0
@@ -266,6 +281,7 @@ def decode_with_fallback(decode: DecodeFn, files: list[FileTranscript], mels: Te
             ratio = compression_ratio(tokenizer.decode(result.tokens).strip())
             final[r] = (result, temperature, ratio)
             languages[r] = languages[r] or result.language  # detected once, kept for the retries
+            hints[r] = result.tokens
             if needs_fallback(result.avg_logprob, ratio, result.no_speech_prob, options):
                 failed.append(r)
         rows = failed

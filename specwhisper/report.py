@@ -13,6 +13,8 @@ def format_stats(name: str, result) -> str:
              f" ({s.tokens_per_main_pass:.2f} tokens/pass)"]
     if s.drafted:
         parts.append(f"drafted {s.drafted}, accepted {s.accepted} ({100 * s.acceptance_rate:.1f}%)")
+    if s.free_drafted:
+        parts.append(f"of which free {s.free_drafted}, accepted {s.free_accepted}")
     parts.append(f"encoder {s.encoder_seconds * 1e3:.0f} ms")
     if s.drafted:
         parts.append(f"draft {s.draft_seconds * 1e3:.0f} ms, verify {s.verify_seconds * 1e3:.0f} ms")

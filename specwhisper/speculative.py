@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .controller import RoundRecorder
+from .controller import Costs, RoundRecorder, calibrate
 from .decoding import (DecodeState, DecodeStats, RowProgress, WindowBatch, WindowResult, begin_window, choose_token,
                        decide, end_window, forward_ragged, step_logits)
 from .drafters import Drafts, Verified
@@ -74,13 +74,14 @@ def sample_accept(p: Tensor, q: Tensor | None, draft: int, generator: torch.Gene
 def speculative_decode(model: Whisper, tokenizer: Tokenizer, drafter: Drafter, window: WindowBatch,
                        stats: DecodeStats) -> list[WindowResult]:
     """Decode a batch of windows with drafts from `drafter`; equals `autoregressive_decode`'s output."""
-    recorder = RoundRecorder(stats, drafter.new_controller())
+    recorder = RoundRecorder(stats, drafter.controller)
     with recorder.timing("prefill"):
         state = begin_window(model, tokenizer, window)
         drafter.prepare(window, state.prompt_hidden)
+        if drafter.controller.adaptive and drafter.controller.costs is None:
+            drafter.controller.costs = calibrate_costs(model, window, state, drafter)
     while not all(row.finished for row in state.rows):
         speculative_round(model, window, state, drafter, recorder)
-    drafter.remember(recorder.controller)
     with recorder.timing("verify"):
         return end_window(model, window, state, stats, with_draft_mask=True)
 
@@ -90,12 +91,9 @@ def speculative_round(model: Whisper, window: WindowBatch, state: DecodeState, d
     """sync -> draft -> verify -> accept, once for every row still decoding."""
     rows, cache = state.rows, state.cache
     gamma = recorder.controller.next_gamma()
-    drafts = Drafts.none(len(rows))
     with recorder.timing("draft"):
-        if gamma > 0:
-            with recorder.timing("sync"):
-                drafter.sync([None if row.finished else row.tokens for row in rows])
-            drafts = drafter.propose(gamma)
+        drafter.sync([None if row.finished else row.tokens for row in rows])
+        drafts = drafter.propose(gamma)
 
     with recorder.timing("verify"):
         verification = verify(model, window, state, drafts)
@@ -104,7 +102,30 @@ def speculative_round(model: Whisper, window: WindowBatch, state: DecodeState, d
         kept = [0 if n is None else 1 + n for n in accepted]  # the last decided token and the accepted drafts
         cache.rollback([start + n for start, n in zip(verification.starts, kept)])
         drafter.verified(Verified([row.tokens for row in rows], verification.starts, kept, verification.hidden))
-    recorder.end_round(rows, verification.drafts, accepted, n_positions=verification.hidden.shape[1])
+    recorder.end_round(rows, verification.drafts, [drafts.is_free(r) for r in range(len(rows))], accepted, gamma)
+
+
+def calibrate_costs(model: Whisper, window: WindowBatch, state: DecodeState, drafter: Drafter) -> Costs:
+    """The controller's cost model, timed once on this window (docs/controller.md): main passes over a few
+    block sizes, and the drafter's rounds (sync and γ steps) on the accepted text. Leaves both as they were."""
+    rows, cache = state.rows, state.cache
+    starts = list(cache.lengths)
+
+    def verify_pass(positions: int) -> None:
+        blocks = [[] if row.finished else [row.tokens[-1] if row.tokens else 0] * positions for row in rows]
+        hidden = forward_ragged(model.decoder, window.audio_kv, cache, blocks)  # (B, T, C)
+        step_logits(model, hidden.reshape(-1, hidden.shape[-1]), window.options)
+        cache.rollback(starts)
+
+    target = drafter.model_drafter()
+
+    def draft_round(gamma: int) -> None:
+        target.sync([None if row.finished else row.tokens for row in rows])
+        target.propose(gamma)
+
+    if target is None:
+        return calibrate(verify_pass, lambda gamma: None)
+    return calibrate(verify_pass, draft_round)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from . import audio as audio_io
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, WindowResult, autoregressive_decode,
-                       build_prompts, resolve_languages)
+                       build_prompts, resolve_languages, window_record)
 from .errors import SpecWhisperError
 from .longform import FileTranscript, LongformOptions, Segment, run_files
 from .speculative import speculative_decode
@@ -71,33 +71,38 @@ def encode_audio(model: SpeechModel, mel: torch.Tensor):
 
 def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOptions, assistant: Drafter | None = None,
                   stats: DecodeStats | None = None, previous_tokens: list[list[int]] | None = None,
-                  languages: list[str | None] | None = None) -> list[WindowResult]:
+                  languages: list[str | None] | None = None, hints: list[list[int]] | None = None
+                  ) -> list[WindowResult]:
     """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given.
 
     previous_tokens: per row, tokens of the text before this window to condition on (the
     prompt becomes <|startofprev|> previous... <|startoftranscript|> ...); empty or None: none.
     languages: per row, a language code, or None to detect it from that row's audio
     (default: `options.language` for every row).
+    hints: per row, tokens the window will likely decode first (long-form's free drafts).
     """
-    stats = stats if stats is not None else DecodeStats()
+    call = DecodeStats()  # this call's alone, summarized in `windows`, then added to `stats`
     started = time.perf_counter()
     audio_kv, features = encode_audio(model, mel)
-    stats.encoder_seconds += time.perf_counter() - started
+    call.encoder_seconds += time.perf_counter() - started
     with torch.inference_mode():
         languages, language_probs = _row_languages(model, audio_kv, options.language, languages)
         rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                            model.dims.n_vocab)
         window = WindowBatch(mel, features, audio_kv, build_prompts(model.tokenizer, options, languages, previous_tokens),
-                             languages, rules, options)
+                             languages, rules, options, hints=hints)
         if assistant is not None and not all(assistant.can_draft(language) for language in languages):
             warnings.warn(f"assistant {assistant.name} is English-only and the audio is in "
                           f"{', '.join(sorted(set(str(l) for l in languages)))}: decoding without an assistant",
                           stacklevel=2)
             assistant = None
         if assistant is None:
-            results = autoregressive_decode(model.network, model.tokenizer, window, stats)
+            results = autoregressive_decode(model.network, model.tokenizer, window, call)
         else:
-            results = speculative_decode(model.network, model.tokenizer, assistant, window, stats)
+            results = speculative_decode(model.network, model.tokenizer, assistant, window, call)
+    call.windows.append(window_record(call))
+    if stats is not None:
+        stats.add(call)
     for result, language, probs in zip(results, languages, language_probs):
         result.language = language
         result.language_probs = probs
@@ -206,9 +211,9 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
         return FileTranscript(index=index, mel=mel, content_frames=content_frames, language=language,
                               initial_prompt=prompt_tokens, info=info)
 
-    def decode(mels, previous, languages, temperature, stats):
+    def decode(mels, previous, languages, temperature, stats, hints):
         return decode_window(model, mels, replace(base_options, temperature=temperature), assistant=assistant,
-                             stats=stats, previous_tokens=previous, languages=languages)
+                             stats=stats, previous_tokens=previous, languages=languages, hints=hints)
 
     for _, state in run_files(audios, open_file, decode, tokenizer, options, batch_size, progress, run_stats):
         yield state if isinstance(state, SpecWhisperError) else _finish(tokenizer, state)

@@ -126,7 +126,7 @@ def scripted_decoder(script):
     """A DecodeFn answering each call from `script`: a function (temperature, row prompt) -> WindowResult."""
     calls = []
 
-    def decode(mels, previous, languages, temperature, stats):
+    def decode(mels, previous, languages, temperature, stats, hints):
         calls.append((mels.shape[0], [list(p) for p in previous], list(languages), temperature))
         stats.generated_tokens += mels.shape[0]
         return [script(temperature, prompt) for prompt in previous]
@@ -288,7 +288,7 @@ def test_an_hour_of_audio_is_transcribed_window_by_window_in_bounded_memory():
         mel, content = log_mel_windows(hour, n_mels=80)
         del hour
         shapes = set()
-        def decode(mels, previous, languages, temperature, stats):
+        def decode(mels, previous, languages, temperature, stats, hints):
             shapes.add(tuple(mels.shape))
             # two complete 12-s segments and an unfinished third: seek moves 24 s per window
             tokens = [TS, 1, 2, TS + 600, TS + 600, 3, TS + 1200, TS + 1200, 4]

@@ -9,6 +9,7 @@ checked statistically on small synthetic distributions.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from random_models import english_tokenizer_json, make_random_model, write_hf_fo
 from specwhisper import audio, load_model
 from specwhisper.decoding import DecodeStats, DecodingOptions
 from specwhisper.assistants import make_assistant
-from specwhisper.controller import DraftLengthController
+from specwhisper.controller import Costs, DraftLengthController, calibrate
 from specwhisper.drafters import Drafter, Drafts, TokenBridge
 from specwhisper.errors import IncompatibleAssistantError
 from specwhisper.speculative import greedy_accept, sample_accept
@@ -84,117 +85,77 @@ def test_a_wrong_residual_would_be_caught():
 
 # ---------------------------------------------------------------- draft length
 
+CPU_LIKE = Costs(verify_base=0.010, verify_slope=0.0007, draft_base=0.0008, draft_per_token=0.0008)
+
 
 def test_adaptive_draft_length_grows_with_cheap_accurate_drafts_and_stops_when_they_do_not_pay():
-    controller = DraftLengthController(gamma=4)
-    for _ in range(10):  # drafts cost 2% of a pass and nearly all pass
-        controller.update(drafted=4, accepted=4, draft_seconds=0.0008, verify_seconds=0.01, n_positions=5, tokens=5,
-                          rejections=0)
+    controller = DraftLengthController(costs=CPU_LIKE)
+    for _ in range(30):  # nearly every draft passes
+        controller.update(drafted=4, accepted=4, rejections=0, tokens=5)
     assert controller.next_gamma() > 4
-    slow = DraftLengthController(gamma=4)
-    for _ in range(10):  # drafts cost as much as a pass and half are rejected
-        slow.update(drafted=4, accepted=1, draft_seconds=0.04, verify_seconds=0.01, n_positions=5, tokens=2, rejections=1)
-    assert slow.next_gamma() == 0
-    slow.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.01, n_positions=1, tokens=40, rejections=0)
-    assert slow.next_gamma() == 1  # re-probes after enough tokens without drafting
-
-
-def test_adaptive_draft_length_learns_what_each_verified_position_costs():
-    """Passes of several sizes: the fitted per-position cost follows the data (pulled towards a
-    prior), and a costlier verify per position makes the controller draft fewer tokens."""
-    # A machine whose verify passes cost ~3 % of a pass per extra position (batched kernels, e.g. a GPU);
-    # the default prior is the CPU's exact path (15 %). The fit's mechanics are the same either way.
-    flat, steep = (DraftLengthController(gamma=2, prior_slope_fraction=0.03) for _ in range(2))
-    for i in range(40):
-        gamma = 1 + i % 4
-        for controller, per_position in ((flat, 0.0), (steep, 0.004)):
-            controller.update(drafted=gamma, accepted=gamma - 1, draft_seconds=0.002 * gamma,
-                              verify_seconds=0.01 + per_position * gamma, n_positions=gamma + 1, tokens=gamma,
-                              rejections=1)
-            controller.gamma = 1 + (i + 1) % 4  # keep probing every size, as varied rounds do
-    # The ridge pulls the slope towards its prior (3 % of a pass per position): passes of 2-5
-    # positions (variance 1.25) move it most of the way to the data's.
-    def expected(per_position: float) -> float:
-        mean_pass = 0.01 + per_position * 2.5
-        prior = steep.prior_slope_fraction * mean_pass
-        return (per_position * 1.25 + steep.slope_ridge * prior) / (1.25 + steep.slope_ridge)
-    assert abs(steep.verify_per_token_seconds - expected(0.004)) < 2e-4
-    assert abs(steep.verify_base_seconds - (0.01 + 0.004 * 2.5 - expected(0.004) * 2.5)) < 3e-4
-    assert abs(flat.verify_per_token_seconds - expected(0.0)) < 1e-4
-    assert steep.verify_per_token_seconds > 5 * flat.verify_per_token_seconds
-    assert steep.best_gamma() < flat.best_gamma()
-
-
-def test_one_slow_pass_among_passes_of_one_size_does_not_fit_a_steep_slope():
-    """γ rarely changes, so nearly every pass has the same size: one slow pass of another size
-    (measured on the long recordings: 24.6 ms at 4 positions among 16 ms at 3) must not read as a
-    steep per-position cost, which made the controller stop drafting."""
-    controller = DraftLengthController(gamma=2, prior_slope_fraction=0.03)  # the prior of those measurements
+    slow = DraftLengthController(costs=Costs(0.010, 0.0007, 0.002, 0.010))  # a draft token costs a pass
     for _ in range(30):
-        controller.update(drafted=2, accepted=2, draft_seconds=0.009, verify_seconds=0.016, n_positions=3, tokens=3,
-                          rejections=0)
-    controller.update(drafted=3, accepted=3, draft_seconds=0.0135, verify_seconds=0.0246, n_positions=4, tokens=4,
-                      rejections=0)
-    assert controller.verify_per_token_seconds < 0.002
-    assert controller.next_gamma() >= 2
+        slow.update(drafted=2, accepted=0, rejections=1, tokens=1)
+    assert slow.next_gamma() == 0
+    slow.update(drafted=0, accepted=0, rejections=0, tokens=40)
+    assert slow.next_gamma() == 1  # re-probes after enough tokens without drafting
+    assert slow.next_gamma() == 0
 
 
-def test_one_slow_round_does_not_switch_drafting_off():
-    """A round descheduled by another process (20x its usual time) moves the estimates by a bounded
-    amount, so a draft that pays keeps drafting; a lasting slowdown still switches it off."""
-    controller = DraftLengthController(gamma=3)
-    for _ in range(20):
-        controller.update(drafted=3, accepted=2, draft_seconds=0.006, verify_seconds=0.012, n_positions=4, tokens=3,
-                          rejections=1)
-    assert controller.next_gamma() >= 2
-    controller.update(drafted=3, accepted=2, draft_seconds=0.12, verify_seconds=0.24, n_positions=4, tokens=3,
-                      rejections=1)
-    assert controller.next_gamma() >= 1
-    assert controller.draft_step_seconds < 0.0026 and controller.verify_base_seconds < 0.016
-    for _ in range(30):  # drafts now really cost 10 ms each: no longer worth it
-        controller.update(drafted=controller.gamma or 1, accepted=0, draft_seconds=0.04, verify_seconds=0.012,
-                          n_positions=2, tokens=1, rejections=1)
-    assert controller.next_gamma() == 0
+def test_costlier_verified_positions_mean_shorter_drafts():
+    flat, steep = (DraftLengthController(costs=replace(CPU_LIKE, verify_slope=slope)) for slope in (0.0, 0.003))
+    for controller in (flat, steep):
+        for _ in range(30):
+            controller.update(drafted=3, accepted=2, rejections=1, tokens=3)
+    assert steep.next_gamma() < flat.next_gamma()
 
 
-def test_the_catch_up_sync_after_rounds_without_drafts_is_not_charged_to_the_probe():
-    """The probe after an off period feeds the assistant every token decided meanwhile: that one-off
-    cost must count as a usual sync, not as the cost of the probe's one draft."""
-    def probed(catch_up_seconds: float) -> DraftLengthController:
-        controller = DraftLengthController(gamma=2)
-        for _ in range(20):  # drafts cost 3 ms a token, a 3-position pass 12 ms, α 0.5
-            controller.update(drafted=2, accepted=1, draft_seconds=0.006, verify_seconds=0.012, n_positions=3,
-                              tokens=2, rejections=1)
-        for _ in range(5):  # five probes, each one draft: a 20 ms catch-up sync and 0.5 ms of drafting
-            controller.update(drafted=1, accepted=1, draft_seconds=0.020 + 0.0005, verify_seconds=0.012,
-                              n_positions=2, tokens=2, rejections=0, catch_up_seconds=catch_up_seconds)
-        return controller
-    told, untold = probed(0.020), probed(0.0)
-    assert told.draft_step_seconds < 0.004  # the catch-up counted as a usual sync (~3 ms) plus 0.5 ms
-    assert untold.draft_step_seconds > 2 * told.draft_step_seconds  # charged in full, it keeps climbing
-    assert told.next_gamma() >= 1
+def test_decisions_depend_on_acceptance_alone_once_calibrated():
+    """The same rounds give the same γ every time: no round's timing reaches the controller."""
+    outcomes = [(3, 3, 0), (3, 1, 1), (2, 0, 1), (4, 4, 0), (3, 2, 1)] * 6
+    runs = []
+    for _ in range(2):
+        controller, gammas = DraftLengthController(costs=CPU_LIKE), []
+        for drafted, accepted, rejections in outcomes:
+            gammas.append(controller.next_gamma())
+            controller.update(drafted, accepted, rejections, tokens=accepted + 1)
+        runs.append(gammas)
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
 
 
-def test_the_controller_carries_its_estimates_to_the_next_window(random_main):
+def test_calibration_fits_the_cost_lines():
+    fake_seconds = {("verify", t): 0.010 + 0.0007 * (t - 1) for t in (1, 3, 6)}
+    fake_seconds.update({("draft", g): 0.001 + 0.0008 * g for g in (1, 4)})
+    costs = calibrate(lambda t: fake_seconds["verify", t], lambda g: fake_seconds["draft", g],
+                      timer=lambda run, repeats: run())
+    assert costs.verify_base == pytest.approx(0.010) and costs.verify_slope == pytest.approx(0.0007)
+    assert costs.draft_base == pytest.approx(0.001) and costs.draft_per_token == pytest.approx(0.0008)
+    assert costs.draft(0) == 0.0 and costs.verify(5) == pytest.approx(0.0128)
+
+
+def test_free_drafts_are_verified_as_far_as_their_acceptance_pays():
+    sure, unsure = (DraftLengthController(costs=CPU_LIKE) for _ in range(2))
+    for _ in range(30):
+        sure.update(0, 0, 0, tokens=9, free_accepted=8, free_rejections=0)
+        unsure.update(0, 0, 0, tokens=1, free_accepted=0, free_rejections=1)
+    assert sure.free_length() > 8 and unsure.free_length() <= 2
+
+
+def test_the_controller_carries_its_acceptance_to_the_next_window(random_main, random_mels):
     assistant = make_assistant(random_main, random_main)
-    first = assistant.new_controller()
-    for _ in range(10):
-        first.update(drafted=2, accepted=0, draft_seconds=0.01, verify_seconds=0.01, n_positions=3, tokens=1, rejections=1)
-    assistant.remember(first)
-    second = assistant.new_controller()
-    assert second is not first and second.gamma == first.gamma == 0
-    assert second.draft_step_seconds == first.draft_step_seconds and second.acceptance == first.acceptance
-    second.update(drafted=0, accepted=0, draft_seconds=0.0, verify_seconds=0.5, n_positions=1, tokens=1, rejections=0)
-    assert first._fit_sums != second._fit_sums  # a copy: the next window's rounds do not rewrite the last's
+    decode(random_main, random_mels[:1], assistant)
+    learned = (assistant.controller.acceptance, assistant.controller.costs)
+    assert learned[1] is not None and learned[0] != DraftLengthController().acceptance
+    decode(random_main, random_mels[1:2], assistant)  # calibrated once: the same costs
+    assert assistant.controller.costs is learned[1]
     constant = make_assistant(random_main, random_main, draft_length=3)
-    constant.remember(constant.new_controller())
-    assert constant.learned_controller is None and constant.new_controller().gamma == 3
+    decode(random_main, random_mels[:1], constant)
+    assert constant.controller.costs is None and constant.controller.next_gamma() == 3
 
 
 def test_constant_draft_length_stays_put():
     controller = DraftLengthController(gamma=3, adaptive=False)
-    controller.update(drafted=3, accepted=0, draft_seconds=1.0, verify_seconds=0.01, n_positions=4, tokens=1,
-                      rejections=1)
+    controller.update(drafted=3, accepted=0, rejections=1, tokens=1)
     assert controller.next_gamma() == 3
 
 
