@@ -19,6 +19,20 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
 
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+/* a * b + c, rounded once where the CPU has FMA. Written out, never left to the compiler: the library is
+ * built with -ffp-contract=off, so that no sum is fused in one loop and not in its twin. */
+static inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+    return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
 #define CHUNK 64  /* keys per block of the score loop: 64 x D floats of K stay in L1 for every row */
 #define DMAX 128  /* largest head dimension (Whisper: 64) */
 
@@ -27,10 +41,25 @@ static inline void store8(float* p, v8 a) { memcpy(p, &a, sizeof a); }
 static inline v8 splat8(float x) { v8 r = {x, x, x, x, x, x, x, x}; return r; }
 static inline v8 select8(vi8 mask, v8 a, v8 b) { return (v8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 
-/* The 8 lanes summed in a fixed tree. */
+/* The 8 lanes summed in a fixed tree, ((0+1) + (2+3)) + ((4+5) + (6+7)): the tree `hsum8x8` uses too. */
 static inline float hsum8(v8 a) {
-    float s0 = a[0] + a[4], s1 = a[1] + a[5], s2 = a[2] + a[6], s3 = a[3] + a[7];
-    return (s0 + s2) + (s1 + s3);
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+/* hsum8 of eight vectors at once: r[j] = hsum8(a_j), by three levels of pairwise shuffles and adds. */
+static inline v8 hsum8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
+#define EVEN(x, y) __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14)
+#define ODD(x, y) __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15)
+    v8 b01 = EVEN(a0, a1) + ODD(a0, a1), b23 = EVEN(a2, a3) + ODD(a2, a3);  /* pairs of lanes */
+    v8 b45 = EVEN(a4, a5) + ODD(a4, a5), b67 = EVEN(a6, a7) + ODD(a6, a7);
+    v8 c0 = __builtin_shufflevector(b01, b23, 0, 1, 8, 9, 4, 5, 12, 13)
+          + __builtin_shufflevector(b01, b23, 2, 3, 10, 11, 6, 7, 14, 15);  /* quads: a0..a3 low, high */
+    v8 c1 = __builtin_shufflevector(b45, b67, 0, 1, 8, 9, 4, 5, 12, 13)
+          + __builtin_shufflevector(b45, b67, 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(c0, c1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(c0, c1, 4, 5, 6, 7, 12, 13, 14, 15);
+#undef EVEN
+#undef ODD
 }
 
 /* exp(x) for x <= 0 (a score minus its row's max): x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite),
@@ -42,28 +71,39 @@ static inline v8 exp8(v8 x) {
     v8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
     v8 r = x - n * 0.693145751953125f;                              /* ln2, high part (exact in n * hi) */
     r = r - n * 1.428606765330187045e-06f;                          /* ln2, low part */
-    v8 p = r * (1.0f / 720) + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    v8 p = fma8(r, splat8(1.0f / 720), splat8(1.0f / 120));
+    p = fma8(p, r, splat8(1.0f / 24));
+    p = fma8(p, r, splat8(1.0f / 6));
+    p = fma8(p, r, splat8(0.5f));
+    p = fma8(p, r, splat8(1.0f));
+    p = fma8(p, r, splat8(1.0f));
     vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
     v8 two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
 }
 
-/* Scores of four consecutive keys: four independent FMA chains, each summing d in the same order
- * as `dot1` does (a key's score does not depend on which of the two computed it). */
+/* Scores of eight consecutive keys: eight independent FMA chains, each summing d in the same order as
+ * `dot1` does, reduced by the same tree (a key's score does not depend on which of the two computed it). */
+static inline void dot8(const float* q, const float* k, int64_t D, float scale, float* out) {
+    v8 a[8];
+    for (int j = 0; j < 8; j++) a[j] = splat8(0);
+    for (int64_t d = 0; d < D; d += 8) {
+        v8 qd = load8(q + d);
+        for (int j = 0; j < 8; j++) a[j] = fma8(qd, load8(k + j * D + d), a[j]);
+    }
+    store8(out, hsum8x8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]) * scale);
+}
+
+/* Four keys (the drafts' kernel): the same chains and tree as dot1. */
 static inline void dot4(const float* q, const float* k, int64_t D, float scale, float* out) {
     v8 a0 = splat8(0), a1 = splat8(0), a2 = splat8(0), a3 = splat8(0);
     for (int64_t d = 0; d < D; d += 8) {
         v8 qd = load8(q + d);
-        a0 += qd * load8(k + d);
-        a1 += qd * load8(k + D + d);
-        a2 += qd * load8(k + 2 * D + d);
-        a3 += qd * load8(k + 3 * D + d);
+        a0 = fma8(qd, load8(k + d), a0);
+        a1 = fma8(qd, load8(k + D + d), a1);
+        a2 = fma8(qd, load8(k + 2 * D + d), a2);
+        a3 = fma8(qd, load8(k + 3 * D + d), a3);
     }
     out[0] = hsum8(a0) * scale;
     out[1] = hsum8(a1) * scale;
@@ -73,7 +113,7 @@ static inline void dot4(const float* q, const float* k, int64_t D, float scale, 
 
 static inline float dot1(const float* q, const float* k, int64_t D, float scale) {
     v8 a = splat8(0);
-    for (int64_t d = 0; d < D; d += 8) a += load8(q + d) * load8(k + d);
+    for (int64_t d = 0; d < D; d += 8) a = fma8(load8(q + d), load8(k + d), a);
     return hsum8(a) * scale;
 }
 
@@ -105,6 +145,41 @@ static void softmax_row(float* row, int64_t n) {
     for (s = 0; s < n; s++) row[s] *= inv;
 }
 
+/* out[0..D) = sum over s < n of p[s] v[s, :], in order of s */
+static void weighted_sum1(const float* p, int64_t n, const float* v, int64_t D, float* out) {
+    v8 acc[DMAX / 8];
+    for (int64_t j = 0; j < D / 8; j++) acc[j] = splat8(0);
+    for (int64_t s = 0; s < n; s++) {
+        v8 ps = splat8(p[s]);
+        for (int64_t j = 0; j < D / 8; j++) acc[j] = fma8(ps, load8(v + s * D + 8 * j), acc[j]);
+    }
+    for (int64_t j = 0; j < D / 8; j++) store8(out + 8 * j, acc[j]);
+}
+
+/* weighted_sum1 for two rows sharing the V rows both read: the same arithmetic per row */
+static void weighted_sum2(const float* p0, const float* p1, int64_t n0, int64_t n1, const float* v, int64_t D,
+                          float* out0, float* out1) {
+    v8 a0[DMAX / 8], a1[DMAX / 8];
+    for (int64_t j = 0; j < D / 8; j++) a0[j] = a1[j] = splat8(0);
+    int64_t both = n0 < n1 ? n0 : n1, s = 0;
+    for (; s < both; s++) {
+        v8 ps0 = splat8(p0[s]), ps1 = splat8(p1[s]);
+        for (int64_t j = 0; j < D / 8; j++) {
+            v8 vs = load8(v + s * D + 8 * j);
+            a0[j] = fma8(ps0, vs, a0[j]);
+            a1[j] = fma8(ps1, vs, a1[j]);
+        }
+    }
+    for (int64_t r = s; r < n0; r++)
+        for (int64_t j = 0; j < D / 8; j++) a0[j] = fma8(splat8(p0[r]), load8(v + r * D + 8 * j), a0[j]);
+    for (int64_t r = s; r < n1; r++)
+        for (int64_t j = 0; j < D / 8; j++) a1[j] = fma8(splat8(p1[r]), load8(v + r * D + 8 * j), a1[j]);
+    for (int64_t j = 0; j < D / 8; j++) {
+        store8(out0 + 8 * j, a0[j]);
+        store8(out1 + 8 * j, a1[j]);
+    }
+}
+
 /* q, out: (B, H, T, D) contiguous. k, v: (B, H, S, D) with rows D floats apart; k_sb, k_sh, v_sb,
  * v_sh their batch and head strides. n_keys: (B, T), each in 1..S. scratch: B * H * T * S floats.
  * D a multiple of 8, at most DMAX. */
@@ -130,23 +205,17 @@ void cached_attention(const float* q, const float* k, const float* v, float* out
                 int64_t end = s0 + CHUNK < nk[t] ? s0 + CHUNK : nk[t];
                 float* row = scores + t * S;
                 int64_t s = s0;
-                for (; s + 4 <= end; s += 4) dot4(qh + t * D, kh + s * D, D, scale, row + s);
+                for (; s + 8 <= end; s += 8) dot8(qh + t * D, kh + s * D, D, scale, row + s);
                 for (; s < end; s++) row[s] = dot1(qh + t * D, kh + s * D, D, scale);
             }
         }
         for (int64_t t = 0; t < T; t++) softmax_row(scores + t * S, nk[t]);
 
-        /* out = p v: each row sums its keys in order, one 8-wide accumulator per 8 outputs */
-        for (int64_t t = 0; t < T; t++) {
-            v8 acc[DMAX / 8];
-            for (int64_t j = 0; j < D / 8; j++) acc[j] = splat8(0);
-            const float* p = scores + t * S;
-            for (int64_t s = 0; s < nk[t]; s++) {
-                v8 ps = splat8(p[s]);
-                const float* vs = vh + s * D;
-                for (int64_t j = 0; j < D / 8; j++) acc[j] += ps * load8(vs + 8 * j);
-            }
-            for (int64_t j = 0; j < D / 8; j++) store8(oh + t * D + 8 * j, acc[j]);
-        }
+        /* out = p v: each row sums its keys in order, one 8-wide accumulator per 8 outputs; rows go in
+           pairs so that each V row loaded serves two (a row's sums are the same either way) */
+        int64_t t = 0;
+        for (; t + 2 <= T; t += 2) weighted_sum2(scores + t * S, scores + (t + 1) * S, nk[t], nk[t + 1], vh, D,
+                                               oh + t * D, oh + (t + 1) * D);
+        for (; t < T; t++) weighted_sum1(scores + t * S, nk[t], vh, D, oh + t * D);
     }
 }

@@ -7,8 +7,7 @@
 An assistant with the main model's vocabulary drafts tokens directly (`ModelDrafter`), reading the
 main model's encoder output when its encoder is the same (a distil-whisper student, verified tensor
 by tensor, or a distilled draft, which shares the module); one with another vocabulary drafts text
-(`CrossTokenizerDrafter`); a distilled draft that reads the main model's hidden states is a
-`FeatureDrafter`. Anything that cannot draft for the main model is refused in one line.
+(`CrossTokenizerDrafter`); a distilled draft is a `DistilledDrafter`. Anything that cannot draft for the main model is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 
 from .draft import DraftNetwork
 from .draft_files import draft_folder, find_draft, load_draft
-from .drafters import CrossTokenizerDrafter, Drafter, FeatureDrafter, ModelDrafter
+from .drafters import CrossTokenizerDrafter, DistilledDrafter, Drafter, ModelDrafter
 from .errors import IncompatibleAssistantError
 from .loading import load_model
 from .speech_model import SpeechModel
@@ -60,8 +59,8 @@ def make_assistant(main: SpeechModel, assistant: SpeechModel, draft_length: int 
         raise IncompatibleAssistantError(
             f"assistant {assistant.name} reads {assistant.dims.n_mels} mel bins but {main.name} reads {main.dims.n_mels}; "
             "pick an assistant of the same family (e.g. large-v3 with distil-large-v3)")
-    if isinstance(assistant.network, DraftNetwork) and assistant.network.decoder.reads_features:
-        return FeatureDrafter(assistant, draft_length)
+    if isinstance(assistant.network, DraftNetwork):
+        return DistilledDrafter(assistant, draft_length)
     if same_vocabulary(main.tokenizer, assistant.tokenizer):
         return ModelDrafter(assistant, shares_encoder=encoders_match(main, assistant), draft_length=draft_length)
     if assistant.tokenizer.id_of_special("<|0.00|>") is None or main.tokenizer.id_of_special("<|0.00|>") is None:

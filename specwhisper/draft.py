@@ -153,9 +153,9 @@ class DraftDecoder(nn.Module):
         self.fuse = nn.Linear(2 * n_state, n_state, device=like.device, dtype=like.dtype) if features else None
         self.fuse_norm = nn.LayerNorm(n_state, device=like.device, dtype=like.dtype) if features else None
         self.output_projection: nn.Module | None = None  # a head; None: the main model's tied projection
-        # The same step fused into one C call (kernels/cpu_draft.py), installed by `DraftNetwork.prepack`
-        # on the CPU: used to feed a few tokens into a cache, the drafting case.
-        self.step_kernel = None
+        # The draft in C (kernels/cpu_draft.py), installed by `DraftNetwork.prepack` on the CPU: its steps
+        # feed a few tokens into a cache (the drafting case), and it can draft greedy rounds whole.
+        self.kernel: cpu_draft.DraftKernel | None = None
 
     @property
     def reads_features(self) -> bool:
@@ -179,7 +179,7 @@ class DraftDecoder(nn.Module):
         """tokens (B, T) -> hidden states (B, T, C) after the final LayerNorm. With a cache: at its
         lengths, appended to it. Without: from position 0, causal, differentiable (training).
         features (B, T, C): the main model's hidden state one position before each token."""
-        if cache is not None and self.step_kernel is not None and tokens.shape[1] <= KERNEL_MAX_TOKENS:
+        if cache is not None and self.kernel is not None and tokens.shape[1] <= KERNEL_MAX_TOKENS:
             return self._kernel_forward(tokens, audio_kv, cache, features)
         if cache is not None:
             positions = cache.positions(tokens.shape[1])  # (B, T)
@@ -192,9 +192,9 @@ class DraftDecoder(nn.Module):
         if self.fuse is not None and features is None:
             raise ValueError("this draft reads the main model's hidden states: pass `features`")
         positions = cache.positions(tokens.shape[1])  # (B, T)
-        hidden = [self.step_kernel(tokens[:, t].contiguous(), positions[:, t].contiguous(),
-                                   None if features is None else features[:, t], cache.keys, cache.values,
-                                   audio_kv.keys, audio_kv.values)
+        half = audio_kv.half()
+        hidden = [self.kernel.step(tokens[:, t], positions[:, t], None if features is None else features[:, t],
+                                   cache.keys, cache.values, half.keys, half.values)
                   for t in range(tokens.shape[1])]
         cache.advance(tokens.shape[1])
         return torch.stack(hidden, dim=1)  # (B, T, C)
@@ -266,8 +266,10 @@ class DraftNetwork(nn.Module):
         business): the same block pass as the main model's, in int8 if asked (`Int8Linear`); a packed
         head, or the main model's packed projection for the full head."""
         decoder = self.decoder
-        if int8 and cpu_draft.load_library() is not None:  # from the plain modules, before they are packed
-            decoder.step_kernel = cpu_draft.DraftStep.build(decoder, self.dims.n_text_ctx)
+        head = decoder.output_projection
+        if int8 and isinstance(head, ShortlistHead) and cpu_draft.load_library() is not None:
+            # From the plain modules, before they are packed.
+            decoder.kernel = cpu_draft.DraftKernel(decoder, self.dims.n_text_ctx, head.ids, head.rows, head.bias)
         prepack_blocks(decoder.blocks, Int8Linear if int8 else PackedLinear)
         if decoder.reads_features and isinstance(decoder.fuse, nn.Linear):
             decoder.fuse = PackedLinear(decoder.fuse.weight, decoder.fuse.bias)

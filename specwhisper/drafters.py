@@ -19,7 +19,8 @@ Implementations:
     model's encoder output (distil-whisper for its teacher; a distilled draft, specwhisper.draft);
   - `CrossTokenizerDrafter`: an assistant with another vocabulary (English-only tiny.en for
     multilingual base), bridged through the tokens' bytes (`TokenBridge`);
-  - `FeatureDrafter`: a distilled draft that also reads the main model's hidden states;
+  - `DistilledDrafter`: a distilled draft (reading the main model's hidden states, when made so),
+    drafting greedy rounds in C on the CPU;
   - `FreeDrafter`: drafts that cost nothing (long-form hints, prompt lookup), around any of the above;
   - `benchmarks/oracle.py` (a replay of greedy's tokens) and the tests' prompt-lookup drafter.
 """
@@ -35,6 +36,7 @@ from torch import Tensor
 from .controller import DraftLengthController
 from .decoding import LogitRules, forward_ragged
 from .errors import IncompatibleAssistantError
+from .kernels.cpu_draft import RuleState
 
 if TYPE_CHECKING:
     from .decoding import WindowBatch
@@ -152,8 +154,7 @@ class ModelDrafter(Drafter):
         self.cache = network.new_cache(batch)
         self.fed: list[list[int]] = [[] for _ in range(batch)]
         self.contexts: list[list[int] | None] = [None] * batch
-        self.next_logits: Tensor | None = None  # (B, V) after each row's last fed token
-        self.last_hidden: Tensor | None = None  # (B, C)
+        self.last_hidden: Tensor | None = None  # (B, C) after each row's last fed token
         # The prompt (up to 224 tokens of previous text) is read here, once per window, so a round's
         # sync feeds only the round's few new tokens.
         self._sync_to([p if len(p) <= self.context else None for p in self.prompts])
@@ -179,16 +180,14 @@ class ModelDrafter(Drafter):
         self.cache.rollback(kept)  # O(1): only the lengths move
         self.active = [target is not None for target in targets]
         if any(self.active):
-            self.next_logits, self.last_hidden = self._feed(blocks, **self.sync_inputs(starts, blocks))
+            self.last_hidden = self._feed(blocks, **self.sync_inputs(starts, blocks))
 
-    def _feed(self, blocks: list[list[int]], **inputs) -> tuple[Tensor, Tensor]:
-        """Feed each row its block; return the float logits (B, V) and hidden state (B, C) after its
-        last real token."""
+    def _feed(self, blocks: list[list[int]], **inputs) -> Tensor:
+        """Feed each row its block; return the hidden state (B, C) after its last real token."""
         hidden = forward_ragged(self.model.network.decoder, self.audio_kv, self.cache, blocks, **inputs)
         rows = torch.arange(len(blocks), device=hidden.device)
         last = torch.tensor([max(len(b) - 1, 0) for b in blocks], device=hidden.device)
-        last_hidden = hidden[rows, last]  # (B, C)
-        return self.model.network.decoder.logits(last_hidden).float(), last_hidden
+        return hidden[rows, last]  # (B, C)
 
     def sync_inputs(self, starts: list[int], blocks: list[list[int]]) -> dict:
         """Extra decoder inputs for the blocks a sync feeds (a feature draft's `features`)."""
@@ -208,8 +207,9 @@ class ModelDrafter(Drafter):
         decided = [fed[len(prompt):] for fed, prompt in zip(self.fed, self.prompts)]  # accepted text, own tokens
         tokens: list[list[int]] = [[] for _ in range(batch)]
         probs: list[list[Tensor]] = [[] for _ in range(batch)]
-        logits, hidden = self.next_logits, self.last_hidden
+        hidden = self.last_hidden
         for step in range(gamma):
+            logits = self.model.network.decoder.logits(hidden).float()  # (B, V)
             for row in range(batch):
                 if drafting[row]:
                     filtered = self.rules.apply(logits[row], decided[row] + tokens[row])
@@ -219,8 +219,7 @@ class ModelDrafter(Drafter):
                     drafting[row] = token != eot
             if step == gamma - 1 or not any(drafting):
                 break  # the last draft needs no pass of its own: its successor is the main model's job
-            logits, hidden = self._feed([[t[-1]] if d else [] for t, d in zip(tokens, drafting)],
-                                        **self.draft_inputs(hidden))
+            hidden = self._feed([[t[-1]] if d else [] for t, d in zip(tokens, drafting)], **self.draft_inputs(hidden))
             self.fed = [fed + [t[-1]] if d else fed for fed, t, d in zip(self.fed, tokens, drafting)]
         return Drafts([self.to_main(t) for t in tokens], probs if self.temperature > 0 else None)
 
@@ -306,32 +305,62 @@ class CrossTokenizerDrafter(ModelDrafter):
         return Drafts(super().propose(gamma).tokens)
 
 
-class FeatureDrafter(ModelDrafter):
-    """A distilled draft that also reads the main model's hidden state of the previous position
-    (EAGLE-style, specwhisper.draft). It keeps the hidden states the prefill and every verify pass
-    computed, and feeds them when it syncs; while drafting ahead it feeds back its own."""
-
-    reads_features = True
+class DistilledDrafter(ModelDrafter):
+    """A distilled draft (specwhisper.draft): the main model's encoder output and embeddings, a few blocks of
+    its own. One that reads the main model's hidden states (EAGLE-style) keeps those the prefill and every
+    verify pass computed and feeds them when it syncs; while drafting ahead it feeds back its own. On the
+    CPU it drafts greedy rounds whole in C (kernels/cpu_draft.py): head, rules, argmax and steps."""
 
     def __init__(self, model: SpeechModel, draft_length: int | None = None):
         super().__init__(model, shares_encoder=True, draft_length=draft_length)
 
+    @property
+    def reads_features(self) -> bool:
+        return self.model.network.decoder.reads_features
+
     def prepare(self, window: WindowBatch, prompt_hidden: Tensor) -> None:
-        # The main model's hidden state at every decided position (B, n_ctx, C). One vocabulary: the
-        # draft's position j is the main model's position j.
-        self.main_features = prompt_hidden.new_zeros(len(window.prompts), self.model.dims.n_text_ctx,
-                                                     prompt_hidden.shape[-1])
-        for row, prompt in enumerate(window.prompts):
-            self.main_features[row, :len(prompt)] = prompt_hidden[row, :len(prompt)]
+        if self.reads_features:
+            # The main model's hidden state at every decided position (B, n_ctx, C). One vocabulary: the
+            # draft's position j is the main model's position j.
+            self.main_features = prompt_hidden.new_zeros(len(window.prompts), self.model.dims.n_text_ctx,
+                                                         prompt_hidden.shape[-1])
+            for row, prompt in enumerate(window.prompts):
+                self.main_features[row, :len(prompt)] = prompt_hidden[row, :len(prompt)]
         super().prepare(window, prompt_hidden)
+        kernel, tokenizer = self.model.network.decoder.kernel, self.model.tokenizer
+        self.fused = (kernel is not None and self.temperature == 0
+                      and kernel.shortlist_layout(kernel.head_ids, tokenizer.eot, tokenizer.timestamp_begin,
+                                                  self.model.dims.n_vocab))
+        if self.fused:
+            rules = self.rules
+            kernel.set_rules(rules.suppress, rules.begin_suppress, rules.timestamps, tokenizer.timestamp_begin,
+                             self.model.dims.n_vocab, rules.max_initial_timestamp_index)
+
+    def propose(self, gamma: int) -> Drafts:
+        if not self.fused or gamma == 0:
+            return super().propose(gamma)
+        self._catch_up()
+        drafting = [active and len(fed) + gamma <= self.context for active, fed in zip(self.active, self.fed)]
+        decided = [fed[len(prompt):] for fed, prompt in zip(self.fed, self.prompts)]
+        cache = self.cache
+        tokens = self.model.network.decoder.kernel.propose(
+            gamma, drafting, self.last_hidden, list(cache.lengths), RuleState.of(decided, self.rules.timestamp_begin),
+            cache.keys, cache.values, self.audio_kv.half().keys, self.audio_kv.half().values)
+        # The kernel fed every draft but the last one into the cache.
+        cache.extend([max(len(t) - 1, 0) for t in tokens])
+        self.fed = [fed + t[:-1] for fed, t in zip(self.fed, tokens)]
+        return Drafts(tokens)
 
     def verified(self, outcome: Verified) -> None:
-        for row, (start, kept) in enumerate(zip(outcome.starts, outcome.kept)):
-            self.main_features[row, start:start + kept] = outcome.hidden[row, :kept]
+        if self.reads_features:
+            for row, (start, kept) in enumerate(zip(outcome.starts, outcome.kept)):
+                self.main_features[row, start:start + kept] = outcome.hidden[row, :kept]
 
     def sync_inputs(self, starts: list[int], blocks: list[list[int]]) -> dict:
         """Each block position's feature: the main model's hidden state one position earlier (zeros
         before position 0), (B, T, C) zero-padded."""
+        if not self.reads_features:
+            return {}
         longest = max(len(b) for b in blocks)
         features = self.main_features.new_zeros(len(blocks), longest, self.main_features.shape[-1])
         for row, (start, block) in enumerate(zip(starts, blocks)):
@@ -341,7 +370,8 @@ class FeatureDrafter(ModelDrafter):
         return {"features": features}
 
     def draft_inputs(self, last_hidden: Tensor) -> dict:
-        return {"features": last_hidden[:, None]}  # (B, 1, C): its own, the main model's is not known yet
+        # (B, 1, C): its own, the main model's is not known yet
+        return {"features": last_hidden[:, None]} if self.reads_features else {}
 
 
 class FreeDrafter(Drafter):
@@ -351,9 +381,10 @@ class FreeDrafter(Drafter):
       - its hint (`WindowBatch.hints`): the tokens the window will likely decode first, from long-form
         decoding (the previous window's unfinished tail, re-timed; or the tokens of an attempt that
         failed and is decoded again at a higher temperature), for as long as the row's text follows it;
-      - prompt lookup: after the row's last `min_match` tokens, what followed their latest earlier
-        occurrence in the prompt or the text so far (repeated names and phrases);
-      - otherwise the wrapped drafter's γ tokens (none without one).
+      - the wrapped drafter's γ tokens;
+      - without one, prompt lookup: after the row's last `min_match` tokens, what followed their latest
+        earlier occurrence in the prompt or the text so far (repeated names and phrases). A trained draft
+        guesses better: on speech it is right ~3 times in 4, prompt lookup seldom.
     Free drafts are verified as far as the controller's estimate of their acceptance makes worth it
     (`DraftLengthController.free_length`), even in rounds where model drafting does not pay.
     """
@@ -405,6 +436,8 @@ class FreeDrafter(Drafter):
         hint = self.hints[row]
         if len(hint) > len(context) and hint[:len(context)] == context:
             return hint[len(context):len(context) + length]
+        if self.inner_drafts:
+            return []
         return prompt_lookup(self.prompts[row] + context, self.min_match, length)
 
     def verified(self, outcome: Verified) -> None:

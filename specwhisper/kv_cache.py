@@ -13,7 +13,7 @@ shares the main model's encoder output and cross-attention weights).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,10 +23,18 @@ from torch import Tensor
 class AudioKV:
     keys: list[Tensor]  # per decoder layer, (B, H, S_audio, D)
     values: list[Tensor]
+    _half: "AudioKV | None" = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
+
+    def half(self) -> "AudioKV":
+        """The same K/V in fp16, computed once: what a draft's C kernel reads (its numbers never reach the
+        output, and half the bytes is most of its step)."""
+        if self._half is None:
+            self._half = AudioKV([k.half().contiguous() for k in self.keys], [v.half().contiguous() for v in self.values])
+        return self._half
 
 
 class CacheOverflow(RuntimeError):
@@ -100,6 +108,13 @@ class KVCache:
 
     def advance(self, n_new: int) -> None:
         self.lengths = [n + n_new for n in self.lengths]
+        self._lengths_tensor = None
+
+    def extend(self, counts: list[int]) -> None:
+        """Record that row b's next counts[b] slots were written outside the model (a fused draft step)."""
+        if max(n + c for n, c in zip(self.lengths, counts)) > self.max_len:
+            raise CacheOverflow(f"extending by {max(counts)} tokens passes the {self.max_len}-token context")
+        self.lengths = [n + c for n, c in zip(self.lengths, counts)]
         self._lengths_tensor = None
 
     def rollback(self, new_lengths: int | list[int]) -> None:
