@@ -68,6 +68,7 @@ def run_folder(model, folder: str, runs: int, oracle: bool) -> tuple[dict[str, M
     first_windows = {}
     for run in range(runs):
         assistant = FreeDrafter(resolve_auto_assistant(model))  # a new cost model per run
+        oracle_drafter = OracleDrafter([], model.tokenizer.eot) if oracle else None
         run_totals = {name: [0.0, DecodeStats()] for name in methods}
         for name, clip in samples.items():
             greedy_seconds, greedy = timed(model, clip, None)
@@ -75,7 +76,8 @@ def run_folder(model, folder: str, runs: int, oracle: bool) -> tuple[dict[str, M
             if oracle:
                 recorder = GreedyRecorder()
                 model.transcribe(clip, language="en", temperature=0.0, assistant=recorder)  # untimed
-                outcomes["oracle"] = timed(model, clip, OracleDrafter(recorder.sequences, model.tokenizer.eot))
+                oracle_drafter.learn(recorder.sequences)
+                outcomes["oracle"] = timed(model, clip, oracle_drafter)
             for method, (seconds, result) in outcomes.items():
                 m = methods[method]
                 m.seconds += seconds

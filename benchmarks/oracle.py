@@ -67,6 +67,10 @@ class OracleDrafter(Drafter):
         self.table = next_token_table(sequences, eot)
         self.eot = eot
 
+    def learn(self, sequences: list[list[int]]) -> None:
+        """Add more recorded windows (another file's), keeping the calibrated costs."""
+        self.table.update(next_token_table(sequences, self.eot))
+
     def prepare(self, window: WindowBatch, prompt_hidden: Tensor) -> None:
         self.prompts = window.prompts
 

@@ -17,10 +17,9 @@ from .errors import SpecWhisperError
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
-# `auto` finds the distilled draft made for the model (shipped for base, or the user's own); with none
-# it decodes without an assistant. Not the default while the shipped draft does not pay on the CPU
-# (docs/benchmarks.md).
-DEFAULT_ASSISTANT = "none"
+# `auto`: free drafts and the distilled draft made for the model (shipped for base, or the user's own),
+# where it pays: on the CPU with the C kernels built (docs/benchmarks.md); elsewhere plain greedy.
+DEFAULT_ASSISTANT = "auto"
 
 
 def demo_clip_path() -> str:
@@ -63,7 +62,8 @@ def add_transcribe_command(commands) -> None:
                    help="assistant for speculative decoding: 'auto' (the distilled draft made for --model, when "
                    "there is one: see `specwhisper distill`), a model name, hub id or folder, a draft folder, "
                    "'free' (only drafts that cost nothing: a window's likely start, repeated phrases), or 'none' "
-                   f"(plain greedy decoding; default: {DEFAULT_ASSISTANT}). All but none add the free drafts.")
+                   f"(plain greedy decoding; default: {DEFAULT_ASSISTANT}, which on a GPU or without a C compiler "
+                   "is none). All but none add the free drafts.")
     t.add_argument("--language", default=None, help="language code or name (en, de, german, ...); default: detect "
                    "on the first 30 s of each file")
     t.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
@@ -258,12 +258,31 @@ def resolve_assistant(model, choice: str, draft_length: int | None, explicit: bo
     if choice.lower() == "free":
         return FreeDrafter(None)
     if choice.lower() == "auto":
+        reason = auto_unavailable_reason(model)
+        if reason is not None:
+            if explicit:
+                say(f"specwhisper: --assistant auto: {reason}; decoding without an assistant")
+            return None
         assistant = resolve_auto_assistant(model, draft_length=draft_length)
         if assistant is None and explicit:
             say(f"specwhisper: no distilled draft for {model.name} (make one with `specwhisper distill`); "
                 "decoding with free drafts only")
         return FreeDrafter(assistant)
     return FreeDrafter(load_assistant(model, choice, draft_length=draft_length))
+
+
+def auto_unavailable_reason(model) -> str | None:
+    """Why `auto` decodes plainly on this machine: it was measured to pay on the CPU with the C kernels."""
+    from . import attention
+    from .kernels import cpu_draft
+
+    if model.device.type != "cpu" or model.dtype.itemsize != 4:
+        return f"not measured to pay on {model.device.type} in {str(model.dtype).removeprefix('torch.')}"
+    if attention.cpu_kernel_unavailable_reason() is not None:
+        return f"the CPU attention kernel is unavailable ({attention.cpu_kernel_unavailable_reason()})"
+    if cpu_draft.load_library() is None:
+        return "the draft's C kernel is unavailable"
+    return None
 
 
 def _print_transcript(result, timestamps: bool) -> None:
