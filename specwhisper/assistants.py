@@ -7,7 +7,8 @@
 An assistant with the main model's vocabulary drafts tokens directly (`ModelDrafter`), reading the
 main model's encoder output when its encoder is the same (a distil-whisper student, verified tensor
 by tensor, or a distilled draft, which shares the module); one with another vocabulary drafts text
-(`CrossTokenizerDrafter`); a distilled draft is a `DistilledDrafter`. Anything that cannot draft for the main model is refused in one line.
+(`CrossTokenizerDrafter`); a distilled draft is a `DistilledDrafter`. Anything that cannot draft for the
+main model is refused in one line.
 """
 
 from __future__ import annotations

@@ -220,7 +220,8 @@ def prefill(model: Whisper, audio_kv: AudioKV, prompts: list[list[int]], cache: 
     return model.decoder.logits(hidden[rows, last]).float(), hidden
 
 
-def no_speech_probs(model: Whisper, tokenizer: Tokenizer, prompt_hidden: Tensor, prompts: list[list[int]]) -> list[float]:
+def no_speech_probs(model: Whisper, tokenizer: Tokenizer, prompt_hidden: Tensor, prompts: list[list[int]]
+                    ) -> list[float]:
     """Probability of <|nocaptions|> at each row's start-of-transcript position."""
     probs = []
     for row, prompt in enumerate(prompts):

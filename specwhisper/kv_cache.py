@@ -33,7 +33,8 @@ class AudioKV:
         """The same K/V in fp16, computed once: what a draft's C kernel reads (its numbers never reach the
         output, and half the bytes is most of its step)."""
         if self._half is None:
-            self._half = AudioKV([k.half().contiguous() for k in self.keys], [v.half().contiguous() for v in self.values])
+            self._half = AudioKV([k.half().contiguous() for k in self.keys],
+                                 [v.half().contiguous() for v in self.values])
         return self._half
 
 

@@ -46,7 +46,8 @@ def greedy_accept(main_choices: list[int], drafts: list[int]) -> int:
     return accepted
 
 
-def sample_accept(p: Tensor, q: Tensor | None, draft: int, generator: torch.Generator | None) -> tuple[bool, int | None]:
+def sample_accept(p: Tensor, q: Tensor | None, draft: int, generator: torch.Generator | None
+                  ) -> tuple[bool, int | None]:
     """Speculative sampling's rule for one drafted token.
 
     p: the main model's distribution (V,) at this position; q: the drafter's (V,), or None when the

@@ -89,8 +89,8 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
         languages, language_probs = _row_languages(model, audio_kv, options.language, languages)
         rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                            model.dims.n_vocab)
-        window = WindowBatch(mel, features, audio_kv, build_prompts(model.tokenizer, options, languages, previous_tokens),
-                             languages, rules, options, hints=hints)
+        prompts = build_prompts(model.tokenizer, options, languages, previous_tokens)
+        window = WindowBatch(mel, features, audio_kv, prompts, languages, rules, options, hints=hints)
         if assistant is not None and not all(assistant.can_draft(language) for language in languages):
             warnings.warn(f"assistant {assistant.name} is English-only and the audio is in "
                           f"{', '.join(sorted(set(str(l) for l in languages)))}: decoding without an assistant",

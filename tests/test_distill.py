@@ -21,7 +21,8 @@ from specwhisper.cli import main as cli_main
 from specwhisper.decoding import DecodeStats, DecodingOptions
 from specwhisper.distill.data import AugmentOptions, AudioFile, plan_windows, split_files
 from specwhisper.distill.shortlist import choose_shortlist
-from specwhisper.draft import LowRankHead, ShortlistHead, build_draft_network, shift_features, spread_layers, with_shortlist
+from specwhisper.draft import (LowRankHead, ShortlistHead, build_draft_network, shift_features, spread_layers,
+                               with_shortlist)
 from specwhisper.draft_files import find_draft, load_draft, new_config, save_draft, wrap
 from specwhisper.errors import IncompatibleAssistantError
 from specwhisper.prepack import Int8Linear, int8_available
