@@ -245,7 +245,7 @@ def verify_costs(model, samples, max_positions: int = 8, repeats: int = 12) -> t
     over T positions plus the logits verification reads, fitted by least squares over T = 1..max,
     with the sizes interleaved so that background load hits each alike."""
     from specwhisper.decoding import DecodingOptions, forward_ragged, prefill, step_logits
-    from specwhisper.transcribe import encode_audio
+    from specwhisper.transcription import encode_audio
 
     network, tokenizer = model.network, model.tokenizer
     audio_kv, _ = encode_audio(model, audio.first_window_mel(samples, model.dims.n_mels)[None])

@@ -20,7 +20,7 @@ from common import print_table, read_manifest
 from specwhisper import audio, load_model
 from specwhisper.assistants import resolve_auto_assistant
 from specwhisper.decoding import DecodingOptions, LogitRules, WindowBatch, begin_window, build_prompts
-from specwhisper.transcribe import encode_audio
+from specwhisper.transcription import encode_audio
 
 
 def median_ms(run, repeats: int = 100) -> float:

@@ -24,7 +24,7 @@ from common import print_table, read_manifest
 from specwhisper import audio, load_model
 from specwhisper.assistants import load_assistant
 from specwhisper.decoding import DecodeStats, DecodingOptions
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 from common import print_table, read_manifest
 from specwhisper import attention, audio, load_model
 from specwhisper.decoding import DecodingOptions, forward_ragged, prefill, step_logits
-from specwhisper.transcribe import encode_audio
+from specwhisper.transcription import encode_audio
 
 POSITIONS = (1, 2, 5, 9)
 

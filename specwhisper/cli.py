@@ -2,9 +2,11 @@
 
 transcribe: stdout holds only the transcripts (one line per file, or one line per segment with
 --timestamps), so a greedy run and a speculative run can be compared with `diff`. Subtitle and
-JSON files are written only when --output_format or --output_dir asks.
+JSON files are written only when --output_format or --output_dir asks. `transcribe demo` adds one
+line on stderr: what speculative decoding did on the demo clip, against greedy decoding.
 distill: trains a draft (specwhisper.distill) and prints the folder it saved it to.
-Bad input ends with one line on stderr and a non-zero exit status, never a traceback.
+Bad input ends with one line on stderr and a non-zero exit status, never a traceback; arguments
+are checked before torch is imported and before any model is loaded (specwhisper.checks).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import argparse
 import sys
 from importlib import resources
 
+from . import __version__
+from .checks import (check_device_available, check_device_name, check_dtype_name, check_language, check_model_name,
+                     english_only_model)
 from .errors import SpecWhisperError
 
 EXIT_BAD_INPUT = 1
@@ -20,10 +25,18 @@ EXIT_USAGE = 2
 # `auto`: free drafts and the distilled draft made for the model (shipped for base, or the user's own),
 # where it pays: on the CPU with the C kernels built (docs/benchmarks.md); elsewhere plain greedy.
 DEFAULT_ASSISTANT = "auto"
+ASSISTANT_KEYWORDS = ("auto", "none", "free")
 
 
 def demo_clip_path() -> str:
     return str(resources.files("specwhisper") / "assets" / "demo.wav")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (not the usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"specwhisper: error: {message} (see {self.prog} --help)\n")
 
 
 def str2bool(text: str) -> bool:
@@ -37,14 +50,25 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _flag(name: str) -> list[str]:
     """Both spellings of a multi-word flag: openai-whisper's --snake_case and --kebab-case."""
     return sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=lambda s: "_" not in s)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specwhisper", description="Whisper speech recognition, made faster by "
-                                     "exact speculative decoding.")
+    parser = Parser(prog="specwhisper", description="Whisper speech recognition, made faster by exact speculative "
+                    "decoding.")
+    parser.add_argument("--version", action="version", version=f"specwhisper {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_transcribe_command(commands)
     add_distill_command(commands)
@@ -75,8 +99,11 @@ def add_transcribe_command(commands) -> None:
                    help="decode without timestamp tokens: each 30-s window becomes one segment (default: timestamp "
                    "mode, which splits the text into timed segments and seeks between windows as openai-whisper)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    t.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on cuda, fp32 on cpu)")
-    t.add_argument(*_flag("batch_size"), dest="batch_size", type=int, default=1, metavar="N",
+    t.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on cuda, fp32 on cpu; "
+                   "fp16 on the CPU is ~5x slower)")
+    t.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch and the C kernels (default: torch's, one per core)")
+    t.add_argument(*_flag("batch_size"), dest="batch_size", type=positive_int, default=1, metavar="N",
                    help="decode windows of this many files together (default: 1)")
     t.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="temperature of the first decode of each window (default: 0)")
@@ -159,6 +186,8 @@ def add_distill_command(commands) -> None:
                    "layers: to adapt a draft to more or other audio")
     d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    d.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's, one per core)")
     d.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentation and training")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -179,7 +208,32 @@ def fallback_temperatures(start: float, increment: float | None) -> tuple[float,
     return tuple(temperatures) or (start,)
 
 
+def check_transcribe_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked before torch is imported and a model loaded (ValueError: one line)."""
+    args.device = check_device_name(args.device)
+    args.dtype = check_dtype_name(args.dtype)
+    check_model_name(args.model)
+    check_language(args.language, args.task, english_only_model(args.model))
+    if args.assistant is not None and args.assistant.lower() not in ASSISTANT_KEYWORDS:
+        check_model_name(args.assistant)
+
+
+def prepare_torch(device: str | None, dtype: str | None, threads: int | None) -> None:
+    """Import torch, check the device exists in this build and machine, set the threads; warn of slow dtypes."""
+    import torch
+
+    check_device_available(device)
+    if threads is not None:
+        torch.set_num_threads(threads)  # the C kernels read it too
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if on_cpu and dtype is not None and dtype not in ("float32", "fp32"):
+        say(f"specwhisper: warning: --dtype {dtype} on the CPU is ~5x slower than float32 (the encoder's "
+            "matmuls) and skips the exact fast path; float32 is the CPU default")
+
+
 def run_transcribe(args: argparse.Namespace) -> int:
+    check_transcribe_arguments(args)
+    prepare_torch(args.device, args.dtype, args.threads)
     import torch
 
     with torch.no_grad():  # scoped, not set globally: main() is also called in-process (tests, scripts)
@@ -190,27 +244,27 @@ def _transcribe_files(args: argparse.Namespace) -> int:
     from .decoding import DecodeStats
     from .loading import load_model
     from .outputs import output_formats, write_outputs
-    from .transcribe import check_language, transcribe_many
+    from .transcription import check_language as check_vocabulary_language
+    from .transcription import transcribe_many
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     formats = output_formats(args.output_format or "all") if (args.output_format or args.output_dir) else ()
     output_dir = args.output_dir or "."
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    check_language(model.tokenizer, args.language, args.task)  # a bad code fails here, once, before any decoding
+    check_vocabulary_language(model.tokenizer, args.language, args.task)  # where the name could not tell
     assistant = resolve_assistant(model, args.assistant or DEFAULT_ASSISTANT, args.draft_length,
                                   explicit=args.assistant is not None)
     paths = [demo_clip_path() if path == "demo" else path for path in args.files]
-    progress = _progress_bar()
-    run_stats = DecodeStats()
-    results = transcribe_many(
-        model, paths, language=args.language, task=args.task, timestamps=not args.without_timestamps,
-        assistant=assistant, batch_size=args.batch_size,
+    options = dict(
+        language=args.language, task=args.task, timestamps=not args.without_timestamps, batch_size=args.batch_size,
         temperature=fallback_temperatures(args.temperature, args.temperature_increment_on_fallback),
         compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
         no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
-        initial_prompt=args.initial_prompt, progress=progress, run_stats=run_stats)
+        initial_prompt=args.initial_prompt)
+    progress = _progress_bar()
+    run_stats = DecodeStats()
+    results = transcribe_many(model, paths, assistant=assistant, progress=progress, run_stats=run_stats, **options)
     status = 0
+    transcripts = []
     try:
         for path, result in zip(paths, results):
             if isinstance(result, SpecWhisperError):
@@ -219,6 +273,7 @@ def _transcribe_files(args: argparse.Namespace) -> int:
                 status = EXIT_BAD_INPUT
                 continue
             _clear(progress)
+            transcripts.append(result)
             _print_transcript(result, args.timestamps)
             _refresh(progress)
             if formats:
@@ -242,7 +297,39 @@ def _transcribe_files(args: argparse.Namespace) -> int:
 
         say("(in a batch, each file's statistics count the decode calls it shared with others)")
         say(format_stats("all files", SimpleNamespace(stats=run_stats)))
+    if args.files == ["demo"] and args.assistant is None and status == 0:  # the README's first command
+        status = explain_demo(model, assistant, transcripts[0], options)
     return status
+
+
+def explain_demo(model, assistant, shown, options: dict) -> int:
+    """One line on stderr after the demo's transcript: what speculative decoding did, and its decoding time
+    against greedy decoding's on the same clip (each the faster of two runs, after a warm-up)."""
+    from .transcription import transcribe_many
+
+    if assistant is None:
+        say(f"specwhisper: speculative decoding is off here ({auto_unavailable_reason(model)}): greedy decoding only")
+        return 0
+
+    def run(drafter):
+        result, = transcribe_many(model, [demo_clip_path()], assistant=drafter, **options)
+        return result
+
+    run(None)  # warm-up: greedy's first steps build what the shown run did not
+    runs = {"greedy": [], "speculative": []}
+    for _ in range(2):
+        runs["speculative"].append(run(assistant))
+        runs["greedy"].append(run(None))
+    greedy, speculative = (min(runs[name], key=lambda r: r.timings["decode"]) for name in ("greedy", "speculative"))
+    same = all(r.tokens == shown.tokens for r in runs["greedy"] + runs["speculative"])
+    s = speculative.stats
+    say(f"specwhisper: speculative decoding: {s.generated_tokens} tokens in {s.main_passes} passes of {model.name} "
+        f"({s.tokens_per_main_pass:.1f} per pass; {s.accepted} of {s.drafted} drafted tokens accepted); decoding "
+        f"took {speculative.timings['decode']:.2f} s against {greedy.timings['decode']:.2f} s greedy "
+        f"({greedy.timings['decode'] / speculative.timings['decode']:.2f}x) after a "
+        f"{speculative.timings['encoder']:.2f} s encoder pass; "
+        + ("the same tokens as greedy" if same else "NOT the same tokens as greedy: a bug, please report it"))
+    return 0 if same else EXIT_BAD_INPUT
 
 
 def resolve_assistant(model, choice: str, draft_length: int | None, explicit: bool):
@@ -317,6 +404,14 @@ def _refresh(progress) -> None:
 
 
 def run_distill(args: argparse.Namespace, argv: list[str]) -> int:
+    from pathlib import Path
+
+    args.device = check_device_name(args.device)
+    check_model_name(args.main)
+    missing = [path for path in [*args.audio, *args.eval_audio] if not Path(path).exists()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such file or folder")
+    prepare_torch(args.device, None, args.threads)
     import torch
 
     from .distill import DistillOptions, distill

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from .draft import DEFAULT_RANK, DraftNetwork, LowRankHead, ShortlistHead, main_block_states, make_head
-from .errors import IncompatibleAssistantError
+from .errors import IncompatibleAssistantError, WeightsError
 from .model import ModelDims, Whisper
 from .prepack import int8_available, prepack_available
 from .speech_model import SpeechModel
+from .weights.checksums import check_sha256
 from .weights.resolve import cache_dir
 
 FORMAT = "specwhisper-draft"
@@ -36,6 +37,12 @@ STORAGE_FORMATS = (*STORAGE_DTYPES, "int8-delta")
 DELTA_LEVELS = 127  # int8 range used: symmetric, -127..127
 DELTA_MARKER = "__int8_delta__"  # a one-element tensor present only in int8-delta files
 SHIPPED_DRAFTS = Path(__file__).resolve().parent / "assets" / "drafts"
+# SHA-256 of each shipped draft's files, pinned here rather than beside them, so that whatever
+# replaces the files cannot replace their checksums too.
+SHIPPED_SHA256 = {
+    "base": {CONFIG_FILE: "f8f3c982545cae1941a6c36cfbc1b2a326fb7eb95d27bba8767e340ebb610eb9",
+             WEIGHTS_FILE: "cee8e010d4546c1679247982082611410e5d80ed0633bc906d141584763d14c7"},
+}
 
 # The main model's fingerprint: a few values of tensors no load-time pass rewrites, compared with a
 # tolerance so that the same weights loaded in fp16 or bf16 still match.
@@ -230,7 +237,8 @@ def load_draft(main: SpeechModel, path: str | os.PathLike, prepack: bool = True,
                ) -> SpeechModel:
     """Rebuild a saved draft around the already-loaded `main` (sharing its encoder and embeddings).
 
-    Raises IncompatibleAssistantError (one line) when the draft was made for another model.
+    Raises IncompatibleAssistantError (one line) when the draft was made for another model, and
+    WeightsError when a shipped draft's files are not the released bytes.
     prepack: on the CPU in fp32, pack the draft's own linears (as `load_model` does).
     int8: run those linears in int8; default: on the CPU whenever it is available.
     """
@@ -240,6 +248,7 @@ def load_draft(main: SpeechModel, path: str | os.PathLike, prepack: bool = True,
     folder = draft_folder(path)
     if folder is None:
         raise IncompatibleAssistantError(f"{path}: no {CONFIG_FILE} (not a specwhisper draft)")
+    check_shipped(folder)
     config = read_config(folder)
     check_main(config, main, str(folder))
     try:
@@ -254,6 +263,22 @@ def load_draft(main: SpeechModel, path: str | os.PathLike, prepack: bool = True,
     if prepack and prepack_available(main.device, main.dtype):
         network.prepack(main.network, int8=int8_available() if int8 is None else int8)
     return wrap(main, network, name=f"{main.name}+draft{config.n_layer}", folder=folder)
+
+
+def check_shipped(folder: Path) -> None:
+    """Raise WeightsError (one line) if `folder` is a shipped draft whose bytes are not the released ones.
+
+    A user's own drafts are theirs to change and are not checked. Hashing the ~11 MB takes ~7 ms.
+    """
+    real = folder.resolve()  # a user's symlink to a shipped draft is the shipped draft
+    if real.parent != SHIPPED_DRAFTS.resolve():
+        return
+    pinned = SHIPPED_SHA256.get(real.name)
+    if pinned is None:
+        raise WeightsError(f"{folder}: a draft among the shipped ones without pinned SHA-256 checksums; "
+                           "reinstall specwhisper")
+    for name, expected in pinned.items():
+        check_sha256(folder / name, expected, "reinstall specwhisper")
 
 
 def empty_draft_network(main: SpeechModel, config: DraftConfig) -> DraftNetwork:

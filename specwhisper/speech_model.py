@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .tokenizer import Tokenizer
-from .transcribe import transcribe as transcribe_function
+from .transcription import transcribe as transcribe_function
 
 if TYPE_CHECKING:
     from .draft import DraftNetwork
@@ -44,5 +44,5 @@ class SpeechModel:
     def multilingual(self) -> bool:
         return self.tokenizer.multilingual
 
-    # A path or 16 kHz samples in, a `Transcription` out: `specwhisper.transcribe.transcribe`.
+    # A path or 16 kHz samples in, a `Transcription` out: `specwhisper.transcription.transcribe`.
     transcribe = transcribe_function

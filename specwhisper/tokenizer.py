@@ -210,7 +210,7 @@ def _timestamp_name(index: int) -> str:
     return f"<|{index * TIME_PRECISION:.2f}|>"
 
 
-def _resolve_language(language: str) -> str:
+def resolve_language_code(language: str) -> str:
     key = language.lower()
     if key in LANGUAGES:
         return key
@@ -273,7 +273,7 @@ class Tokenizer:
 
     def language_token(self, code: str) -> int:
         """Id of `<|code|>`; accepts a language name as well as a code."""
-        code = _resolve_language(code)
+        code = resolve_language_code(code)
         if not self.multilingual and code != "en":
             raise ValueError(f"English-only vocabulary has no usable language {code!r}; only 'en'")
         token = self._language_ids.get(code)
@@ -291,7 +291,7 @@ class Tokenizer:
                 raise ValueError("a multilingual vocabulary needs a language for its start sequence")
             tokens = [self.sot, self.language_token(language), getattr(self, task)]
         else:
-            if language is not None and _resolve_language(language) != "en":
+            if language is not None and resolve_language_code(language) != "en":
                 raise ValueError(f"English-only vocabulary cannot transcribe language {language!r}")
             if task != "transcribe":
                 raise ValueError("English-only vocabulary has no translate task")
@@ -355,7 +355,7 @@ class Tokenizer:
     def split_to_word_tokens(self, ids: list[int], language: str = "en") -> tuple[list[str], list[list[int]]]:
         """Group ids into words: at spaces and punctuation, or at every complete
         character for languages written without spaces."""
-        if _resolve_language(language) in _UNSPACED_LANGUAGES:
+        if resolve_language_code(language) in _UNSPACED_LANGUAGES:
             return self._split_on_characters(ids)
         words: list[str] = []
         groups: list[list[int]] = []

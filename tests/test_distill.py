@@ -26,7 +26,7 @@ from specwhisper.draft import (LowRankHead, ShortlistHead, build_draft_network, 
 from specwhisper.draft_files import find_draft, load_draft, new_config, save_draft, wrap
 from specwhisper.errors import IncompatibleAssistantError
 from specwhisper.prepack import Int8Linear, int8_available
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 
 def first_window_mel_of(model, samples):

@@ -26,7 +26,7 @@ from specwhisper import attention, audio
 from specwhisper.decoding import prefill
 from specwhisper.kv_cache import AudioKV
 from specwhisper.prepack import PackedLinear
-from specwhisper.transcribe import encode_audio
+from specwhisper.transcription import encode_audio
 
 
 def first_window_mel_of(model, samples):

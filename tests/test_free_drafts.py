@@ -18,7 +18,7 @@ from specwhisper.assistants import resolve_auto_assistant
 from specwhisper.decoding import DecodeStats, DecodingOptions, WindowResult
 from specwhisper.drafters import FreeDrafter, prompt_lookup
 from specwhisper.longform import FileTranscript, LongformOptions, decode_with_fallback, retimed_tail
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 TS = 50364  # <|0.00|> in the multilingual vocabulary
 

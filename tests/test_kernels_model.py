@@ -8,7 +8,7 @@ import torch
 from conftest import read_manifest
 from specwhisper import attention, audio
 from specwhisper.decoding import DecodingOptions
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 
 def first_window_mel_of(model, samples):

@@ -8,7 +8,6 @@ The second half uses tiny.en (and base for language detection) on ../shared/audi
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -361,7 +360,7 @@ def clip(name: str) -> np.ndarray:
 def test_batched_equals_one_at_a_time(tiny_en_model, one_thread):
     """Three recordings (one of two windows) plus a missing file: batched rows give exactly the
     transcripts of decoding each recording alone, and the bad file's error stays in its place."""
-    from specwhisper.transcribe import transcribe_many
+    from specwhisper.transcription import transcribe_many
 
     joined = np.concatenate([clip("ls_1221-135766-0001.wav"), clip("ls_2412-153948-0000.flac"),
                              clip("ls_2412-153948-0001.flac")])  # ~39 s: two windows
@@ -379,7 +378,7 @@ def test_batched_equals_one_at_a_time(tiny_en_model, one_thread):
 
 
 def test_language_detected_per_file_in_a_batch(base_model, one_thread):
-    from specwhisper.transcribe import transcribe_many
+    from specwhisper.transcription import transcribe_many
 
     rows = {r["language"]: r for r in read_manifest("multilingual")}
     audios = [rows["de"]["path"], rows["es"]["path"]]
@@ -394,7 +393,7 @@ def test_speculative_decoding_runs_in_every_window_and_its_stats_add_up(base_mod
                                                                        monkeypatch):
     from specwhisper.assistants import make_assistant
 
-    transcribe_module = importlib.import_module("specwhisper.transcribe")  # the package exports a function of that name
+    import specwhisper.transcription as transcribe_module
 
     # A constant γ: the adaptive controller may rightly stop drafting with tiny.en on this CPU, and it
     # carries that decision into the next window; this test is about every window being drafted for.

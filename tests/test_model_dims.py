@@ -16,7 +16,7 @@ import torch
 from specwhisper import audio
 from specwhisper.decoding import DecodingOptions
 from specwhisper.model import ModelDims, Whisper, sinusoids
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 from specwhisper.weights.hf_layout import dims_from_config
 
 from random_models import english_tokenizer_json, make_random_model, random_whisper

@@ -11,7 +11,7 @@ import pytest
 from specwhisper.decoding import DecodeStats
 from specwhisper.longform import Segment
 from specwhisper.outputs import FORMATS, format_timestamp, output_formats, write_outputs, WRITERS
-from specwhisper.transcribe import Transcription
+from specwhisper.transcription import Transcription
 
 SRT_TIME = r"(\d{2}):([0-5]\d):([0-5]\d),(\d{3})"
 VTT_TIME = r"(\d{2}):([0-5]\d):([0-5]\d)\.(\d{3})"

