@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from specwhisper.decoding import DecodeStats, WindowResult
+from specwhisper.decoding import WindowResult
 from specwhisper.errors import SpecWhisperError
 from specwhisper.longform import (FileTranscript, LongformOptions, compression_ratio, decode_with_fallback,
                                   is_silence, needs_fallback, run_files, split_window)
