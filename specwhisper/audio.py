@@ -1,9 +1,11 @@
 """Audio in, log-mel spectrogram out: the front end every Whisper model shares.
 
 - `load_audio` reads a file into 16 kHz mono float32. WAV is parsed here (no
-  dependency); anything else is decoded by ffmpeg, as openai-whisper does.
+  dependency); anything else is decoded in-process by PyAV, whose wheels carry
+  FFmpeg's libraries: the same decoders and resampler as the ffmpeg command
+  openai-whisper runs, so the same samples, with no ffmpeg program installed.
 - `resample` is a windowed-sinc polyphase resampler, so WAVs recorded at
-  8/22.05/44.1/48 kHz need no ffmpeg either.
+  8/22.05/44.1/48 kHz need no decoder library either.
 - `log_mel_spectrogram` reproduces Whisper's features; `log_mel_padded_audio`
   and `log_mel_windows` / `mel_window` are the two ways Whisper front ends pad
   a recording to 30-second windows (they differ on the frames after the speech).
@@ -13,9 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ class AudioError(SpecWhisperError, ValueError):
 
 
 def _audio_error(path: str | os.PathLike, problem: str) -> AudioError:
-    one_line = " ".join(str(problem).split())  # ffmpeg and OS messages may hold newlines
+    one_line = " ".join(str(problem).split())  # FFmpeg and OS messages may hold newlines
     return AudioError(f"cannot load audio '{os.fspath(path)}': {one_line}")
 
 
@@ -78,8 +78,9 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
 
     A RIFF/WAVE file (PCM 8/16/24/32-bit, IEEE float 32/64, EXTENSIBLE too) is
     parsed natively: channels are averaged, then `resample` converts the rate.
-    Any other file, or a WAV in an encoding we do not parse, goes through ffmpeg
-    (the same command line as openai-whisper, so both yield identical samples).
+    Any other file, or a WAV in an encoding we do not parse, is decoded by PyAV
+    (FFmpeg's libraries: the samples openai-whisper's `ffmpeg ... -ac 1 -ar 16000`
+    command gives, bit for bit).
     Integer PCM is scaled so full scale is [-1, 1): int16 `x` becomes `x / 32768`.
 
     Raises AudioError (one line, naming the file) for anything that yields no audio.
@@ -103,44 +104,61 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
         try:
             audio, file_sr = _read_wav(path)
         except _UnsupportedWavEncoding as err:
-            audio = _decode_with_ffmpeg(path, sr, why=f"WAV encoding {err} is not decoded natively")
+            audio = _decode_with_av(path, sr, why=f"WAV encoding {err} is not decoded natively")
         else:
             if file_sr != sr:
                 audio = resample(audio, file_sr, sr)
     else:
         named_wav = Path(path).suffix.lower() in (".wav", ".wave")
         why = "named .wav but has no RIFF/WAVE header" if named_wav else "not a WAV file"
-        audio = _decode_with_ffmpeg(path, sr, why=why)
+        audio = _decode_with_av(path, sr, why=why)
 
+    return check_samples(audio, path, sr)
+
+
+def check_samples(audio: np.ndarray, source: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """`audio` if it is a non-empty 1-D array of finite samples, else AudioError naming `source`.
+
+    NaN or infinite samples (a float WAV can hold them) are refused rather than cleaned: each one turns
+    the log-mel frames around it into NaN, and no choice of replacement value is the recording's.
+    """
+    if audio.ndim != 1:
+        raise _audio_error(source, f"expected mono samples of shape (n,), got shape {audio.shape}")
     if audio.size == 0:
-        raise _audio_error(path, "contains no audio samples")
+        raise _audio_error(source, "contains no audio samples")
+    finite = np.isfinite(audio)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise _audio_error(source, f"holds {audio.size - int(finite.sum())} NaN or infinite samples "
+                                   f"(the first at {first / sr:.2f} s)")
     return audio
 
 
-def _decode_with_ffmpeg(path: str | os.PathLike, sr: int, why: str) -> np.ndarray:
-    """Decode any format ffmpeg knows to mono int16 at `sr` Hz, returned as float32.
+def _decode_with_av(path: str | os.PathLike, sr: int, why: str) -> np.ndarray:
+    """Decode the first audio stream of any container FFmpeg knows to mono int16 at `sr` Hz, as float32.
 
-    `why` says why ffmpeg is needed; it leads the error message if ffmpeg is
-    missing or fails.
+    libswresample downmixes and resamples with the defaults the ffmpeg program uses, so the samples equal
+    `ffmpeg -i FILE -f s16le -ac 1 -ar SR -` (tests/test_audio.py checks it where ffmpeg is installed).
+    `why` (why the file is not read natively) leads the error message when decoding fails.
     """
-    if shutil.which("ffmpeg") is None:
-        raise _audio_error(
-            path, f"{why}, and decoding it needs ffmpeg, which is not installed "
-                  "(install it, e.g. `apt-get install ffmpeg`, or convert the file to WAV)")
-    # "file:" + absolute path: ffmpeg would otherwise read "-" as stdin and
-    # "name:with:colons" as a protocol.
-    source = "file:" + os.path.abspath(os.fspath(path))
-    cmd = [
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
-        "-i", source, "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(sr), "-",
-    ]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else f"exit status {proc.returncode}"
-        last = last.removeprefix(source + ":").strip()  # the path is already in our message
-        raise _audio_error(path, f"{why}, and ffmpeg could not decode it: {last}")
-    return np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
+    try:
+        import av
+    except ImportError:
+        raise _audio_error(path, f"{why}, and decoding it needs PyAV (pip install av)") from None
+    chunks = []
+    try:
+        with av.open(os.fspath(path), metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise _audio_error(path, f"{why}, and it holds no audio stream")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sr)
+            for frame in container.decode(container.streams.audio[0]):
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]  # the resampler's tail
+    except av.error.FFmpegError as err:
+        problem = (getattr(err, "strerror", None) or str(err)).rstrip(".")
+        raise _audio_error(path, f"{why}, and FFmpeg could not decode it: {problem}") from None
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return samples.astype(np.float32) / 32768.0
 
 
 def _read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:

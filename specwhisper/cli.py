@@ -79,7 +79,8 @@ def add_transcribe_command(commands) -> None:
     t = commands.add_parser(
         "transcribe", help="transcribe audio files of any length",
         description="Transcribe whole recordings in 30-s windows, as openai-whisper's transcribe does.")
-    t.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV natively; FLAC, MP3, ... through ffmpeg); "
+    t.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV natively; FLAC, MP3, Ogg, M4A, WebM, video files' audio, ... "
+                   "through FFmpeg's libraries, in-process); "
                    "'demo' is the bundled demo clip")
     t.add_argument("--model", default="base", help="model name (base, tiny.en, large-v3, ...), hub id or folder (default: base)")
     t.add_argument("--assistant", default=None,

@@ -202,7 +202,8 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
 
     def open_file(index: int, source) -> FileTranscript:
         started = time.perf_counter()
-        samples = source if isinstance(source, np.ndarray) else audio_io.load_audio(source)
+        samples = audio_io.check_samples(source, "the array of samples") if isinstance(source, np.ndarray) \
+            else audio_io.load_audio(source)
         loaded = time.perf_counter()
         mel, content_frames = audio_io.log_mel_windows(samples, n_mels=model.dims.n_mels)
         done = time.perf_counter()

@@ -36,7 +36,7 @@ DEMO_MAX_WER = 0.10  # JFK's clear speech: base and tiny.en both get every word 
 TIMEOUT_S = 180
 PARALLEL = 4  # processes at a time: each holds ~0.7 GB while loading
 # Bad audio files (written by the fixture), each failing differently: no bytes, random bytes
-# named .wav and .mp3 (the latter goes through ffmpeg when it is installed), a directory, nothing.
+# named .wav and .mp3 (the latter goes through PyAV's FFmpeg decoders), a directory, nothing.
 BAD_AUDIO = ["empty.wav", "noise.wav", "noise.mp3", "folder.wav", "missing.wav"]
 # Flags whose bad values are refused before torch is imported or a model loaded (specwhisper.checks;
 # test_arguments_are_checked_before_anything_loads checks the order in-process).

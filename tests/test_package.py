@@ -17,7 +17,7 @@ def test_required_dependencies_hold_nothing_gpu_only():
     """`pip show specwhisper` on a CPU machine: no triton, no nvidia-*/cuda-* packages (triton is the gpu extra)."""
     required = [Requirement(r) for r in importlib.metadata.requires("specwhisper") if "extra ==" not in r]
     names = {r.name.lower() for r in required}
-    assert names == {"torch", "numpy", "tiktoken", "regex", "safetensors", "huggingface-hub"}, names
+    assert names == {"torch", "numpy", "tiktoken", "regex", "safetensors", "huggingface-hub", "av"}, names
     extras = importlib.metadata.metadata("specwhisper").get_all("Provides-Extra")
     assert "gpu" in extras and any(r.startswith("triton") and 'extra == "gpu"' in r
                                    for r in importlib.metadata.requires("specwhisper"))
