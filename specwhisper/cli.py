@@ -12,6 +12,8 @@ are checked before torch is imported and before any model is loaded (specwhisper
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from importlib import resources
 
@@ -60,6 +62,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int | None:
+    """openai-whisper's --threads: a whole number, 0 for torch's default."""
+    value = positive_int(text) if text.strip() not in ("0", "None") else None
+    return value
+
+
+def optional_bool(text: str) -> bool | None:
+    return None if text.lower() == "none" else str2bool(text)
+
+
 def _flag(name: str) -> list[str]:
     """Both spellings of a multi-word flag: openai-whisper's --snake_case and --kebab-case."""
     return sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=lambda s: "_" not in s)
@@ -102,8 +114,8 @@ def add_transcribe_command(commands) -> None:
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on cuda, fp32 on cpu; "
                    "fp16 on the CPU is ~5x slower)")
-    t.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch and the C kernels (default: torch's, one per core)")
+    t.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                   help="CPU threads for torch and the C kernels; 0: torch's default, one per core (default: 0)")
     t.add_argument(*_flag("batch_size"), dest="batch_size", type=positive_int, default=1, metavar="N",
                    help="decode windows of this many files together (default: 1)")
     t.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -131,10 +143,33 @@ def add_transcribe_command(commands) -> None:
                    "is given)")
     t.add_argument(*_flag("output_dir"), "-o", dest="output_dir", default=None, metavar="DIR",
                    help="folder for the output files (default: the current folder when --output_format is given)")
+    add_openai_whisper_flags(t)
     t.add_argument("--stats", action="store_true", help="print decoding statistics on stderr")
     t.add_argument("--draft-length", type=int, default=None, help="tokens drafted per main-model pass (speculative)")
     t.add_argument("--trace", action="store_true", help="print each transcript token by token on stderr, "
                    "marking drafted tokens and corrections")
+
+
+def add_openai_whisper_flags(t) -> None:
+    """The rest of openai-whisper's `whisper` command line, so that one runs unchanged as `specwhisper transcribe`."""
+    t.add_argument("--verbose", type=optional_bool, default=None, metavar="BOOL",
+                   help="True: one line per segment with its times on stdout (as --timestamps); False or None: "
+                   "one line per file (default: None)")
+    t.add_argument(*_flag("suppress_tokens"), dest="suppress_tokens", default="-1", metavar="IDS",
+                   help="comma-separated token ids never to write; -1: the model's non-speech tokens; '': none "
+                   "(default: -1)")
+    t.add_argument(*_flag("carry_initial_prompt"), dest="carry_initial_prompt", type=str2bool, default=False,
+                   metavar="BOOL", help="start every window's prompt with --initial_prompt, not only the first's "
+                   "(default: False)")
+    t.add_argument("--fp16", type=str2bool, default=True, metavar="BOOL",
+                   help="decode in float16 where that is the default (CUDA); False: float32 everywhere "
+                   "(default: True; --dtype, if given, wins)")
+    t.add_argument(*_flag("model_dir"), dest="model_dir", default=None, metavar="DIR",
+                   help="where downloaded and converted models are kept (default: ~/.cache/specwhisper and "
+                   "huggingface-hub's cache)")
+    t.add_argument(*_flag("clip_timestamps"), dest="clip_timestamps", default="0", metavar="SECONDS",
+                   help="comma-separated start,end,start,end,... seconds of the parts to transcribe; an odd "
+                   "count runs the last part to the end of the file (default: 0, the whole file)")
 
 
 def add_distill_command(commands) -> None:
@@ -217,6 +252,30 @@ def check_transcribe_arguments(args: argparse.Namespace) -> None:
     check_language(args.language, args.task, english_only_model(args.model))
     if args.assistant is not None and args.assistant.lower() not in ASSISTANT_KEYWORDS:
         check_model_name(args.assistant)
+    args.suppress_tokens = number_list("--suppress_tokens", args.suppress_tokens, int)
+    args.clip_timestamps = number_list("--clip_timestamps", args.clip_timestamps, float)
+    if args.clip_timestamps == [0.0]:
+        args.clip_timestamps = None  # openai-whisper's default: the whole file
+    if args.clip_timestamps is not None:
+        ok = all(b > a if i % 2 == 0 else b >= a for i, (a, b) in enumerate(zip(args.clip_timestamps,
+                                                                              args.clip_timestamps[1:])))
+        if not ok or args.clip_timestamps[0] < 0:
+            raise ValueError(f"--clip_timestamps {','.join(map(str, args.clip_timestamps))}: expected seconds "
+                             "start,end,start,end,... in order")
+    if not args.fp16 and args.dtype is None:
+        args.dtype = "float32"
+    if args.verbose:
+        args.timestamps = True
+    if args.model_dir is not None:  # before any name is resolved: conversions and downloads go there
+        os.environ["SPECWHISPER_CACHE"] = os.path.join(args.model_dir, "specwhisper")
+        os.environ["HF_HUB_CACHE"] = os.path.join(args.model_dir, "huggingface")
+
+
+def number_list(flag: str, text: str, kind: type) -> list:
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected comma-separated {kind.__name__} values") from None
 
 
 def prepare_torch(device: str | None, dtype: str | None, threads: int | None) -> None:
@@ -252,6 +311,7 @@ def _transcribe_files(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or "."
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     check_vocabulary_language(model.tokenizer, args.language, args.task)  # where the name could not tell
+    model = dataclasses.replace(model, suppress_tokens=suppressed_tokens(model, args.suppress_tokens))
     assistant = resolve_assistant(model, args.assistant or DEFAULT_ASSISTANT, args.draft_length,
                                   explicit=args.assistant is not None)
     paths = [demo_clip_path() if path == "demo" else path for path in args.files]
@@ -260,7 +320,8 @@ def _transcribe_files(args: argparse.Namespace) -> int:
         temperature=fallback_temperatures(args.temperature, args.temperature_increment_on_fallback),
         compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
         no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
-        initial_prompt=args.initial_prompt)
+        initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
+        clip_timestamps=args.clip_timestamps)
     progress = _progress_bar()
     run_stats = DecodeStats()
     results = transcribe_many(model, paths, assistant=assistant, progress=progress, run_stats=run_stats, **options)
@@ -301,6 +362,16 @@ def _transcribe_files(args: argparse.Namespace) -> int:
     if args.files == ["demo"] and args.assistant is None and status == 0:  # the README's first command
         status = explain_demo(model, assistant, transcripts[0], options)
     return status
+
+
+def suppressed_tokens(model, ids: list[int]) -> list[int]:
+    """--suppress_tokens as openai-whisper reads it: -1 stands for the model's own list (non-speech tokens)."""
+    n_vocab = model.dims.n_vocab
+    bad = [i for i in ids if i != -1 and not 0 <= i < n_vocab]
+    if bad:
+        raise ValueError(f"--suppress_tokens: {bad[0]} is not a token id of {model.name} (0 .. {n_vocab - 1})")
+    own = list(model.suppress_tokens) if -1 in ids else []
+    return sorted(set(own) | {i for i in ids if i != -1})
 
 
 def explain_demo(model, assistant, shown, options: dict) -> int:

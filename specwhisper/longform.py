@@ -50,6 +50,7 @@ class LongformOptions:
     no_speech_threshold: float | None = 0.6  # <|nocaptions|> probability above (and unsure): silence
     condition_on_previous_text: bool = True  # prompt each window with the text before it
     max_prompt_tokens: int = 223  # previous tokens kept in a prompt: half the 448-token context, less one
+    carry_initial_prompt: bool = False  # every window's prompt starts with the initial prompt, not only the first
 
 
 @dataclass(frozen=True)
@@ -190,13 +191,24 @@ class FileTranscript:
     fallbacks: int = 0  # re-decodes at a higher temperature
     info: dict[str, Any] = field(default_factory=dict)  # caller's bookkeeping (timings, duration)
     hint: list[int] = field(default_factory=list)  # the last window's re-timed unfinished tail (`retimed_tail`)
+    clips: list[tuple[int, int]] | None = None  # (start, end) frames to transcribe, in order; None: all
 
     def __post_init__(self):
         self.history = list(self.initial_prompt) + self.history
+        clips = self.clips or [(0, self.content_frames)]
+        self.clips = [(start, min(end, self.content_frames)) for start, end in clips if start < min(end, self.content_frames)]
+
+    def _clip_end(self) -> int:
+        """Move seek into the first clip not yet done (as openai-whisper's clip_timestamps); that clip's end."""
+        for start, end in self.clips:
+            if self.seek < end:
+                self.seek = max(self.seek, start)
+                return end
+        return self.seek
 
     @property
     def done(self) -> bool:
-        return self.seek >= self.content_frames
+        return all(self.seek >= end for _, end in self.clips)
 
     @property
     def tokens(self) -> list[int]:
@@ -205,12 +217,20 @@ class FileTranscript:
 
     def window(self) -> tuple[Tensor, int]:
         """The next window's features (n_mels, 3000) and how many of its frames hold audio."""
-        frames = min(self.content_frames - self.seek, N_FRAMES)
-        return mel_window(self.mel, self.content_frames, self.seek), frames
+        clip_end = self._clip_end()
+        frames = min(clip_end - self.seek, N_FRAMES)
+        return mel_window(self.mel, clip_end, self.seek), frames
 
     def prompt(self, options: LongformOptions) -> list[int]:
-        """Tokens to condition the next window on (empty after a reset)."""
-        return self.history[self.prompt_start:][-options.max_prompt_tokens:] if options.max_prompt_tokens else []
+        """Tokens to condition the next window on (empty after a reset, but for a carried initial prompt)."""
+        if not options.max_prompt_tokens:
+            return []
+        if not (options.carry_initial_prompt and self.initial_prompt):
+            return self.history[self.prompt_start:][-options.max_prompt_tokens:]
+        carried = self.initial_prompt[-options.max_prompt_tokens:]
+        room = options.max_prompt_tokens - len(carried)
+        since = self.history[max(self.prompt_start, len(self.initial_prompt)):]
+        return carried + (since[-room:] if room > 0 else [])
 
     def add_window(self, result: WindowResult, temperature: float, ratio: float, window_frames: int,
                    tokenizer: TextTokenizer, options: LongformOptions) -> None:

@@ -177,14 +177,18 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
                     temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
                     compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
                     no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
-                    initial_prompt: str | None = None, progress=None, run_stats: DecodeStats | None = None,
-                    **decode_options) -> Iterator[Transcription | SpecWhisperError]:
+                    initial_prompt: str | None = None, carry_initial_prompt: bool = False,
+                    clip_timestamps: Iterable[float] | None = None, progress=None,
+                    run_stats: DecodeStats | None = None, **decode_options) -> Iterator[Transcription | SpecWhisperError]:
     """Transcribe many recordings, decoding windows of up to `batch_size` of them together.
 
     Yields, in input order, a Transcription per recording, or the SpecWhisperError (e.g. an
     AudioError) that stopped it. At temperature 0 each transcript equals what `transcribe`
     gives for that recording alone. Options as in `transcribe`; `run_stats` (if given) adds up
     every decode call of the run, whereas each result's `stats` counts the calls it took part in.
+    carry_initial_prompt: every window's prompt starts with `initial_prompt` (else only the first's).
+    clip_timestamps: seconds start, end, start, end, ... of the parts to transcribe in every file (an
+    odd count: the last part runs to the end), as openai-whisper's; timestamps stay on the file's timeline.
     """
     tokenizer = model.tokenizer
     language = check_language(tokenizer, language, task)
@@ -194,8 +198,9 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
     options = LongformOptions(
         temperatures=temperatures, compression_ratio_threshold=compression_ratio_threshold,
         logprob_threshold=logprob_threshold, no_speech_threshold=no_speech_threshold,
-        condition_on_previous_text=condition_on_previous_text,
+        condition_on_previous_text=condition_on_previous_text, carry_initial_prompt=carry_initial_prompt,
         max_prompt_tokens=model.dims.n_text_ctx // 2 - 1)
+    clips = clip_frames(clip_timestamps)
     decode_options.setdefault("max_new_tokens", model.dims.n_text_ctx // 2)  # openai-whisper's sample_len
     base_options = DecodingOptions(task=task, language=None, timestamps=timestamps, **decode_options)
     prompt_tokens = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
@@ -210,7 +215,8 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
         info = {"audio_seconds": len(samples) / audio_io.SAMPLE_RATE, "started": started,
                 "timings": {"load_audio": loaded - started, "log_mel": done - loaded}}
         return FileTranscript(index=index, mel=mel, content_frames=content_frames, language=language,
-                              initial_prompt=prompt_tokens, info=info)
+                              initial_prompt=prompt_tokens, info=info,
+                              clips=[(start, end or content_frames) for start, end in clips] if clips else None)
 
     def decode(mels, previous, languages, temperature, stats, hints):
         return decode_window(model, mels, replace(base_options, temperature=temperature), assistant=assistant,
@@ -218,6 +224,18 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
 
     for _, state in run_files(audios, open_file, decode, tokenizer, options, batch_size, progress, run_stats):
         yield state if isinstance(state, SpecWhisperError) else _finish(tokenizer, state)
+
+
+def clip_frames(clip_timestamps: Iterable[float] | None) -> list[tuple[int, int | None]] | None:
+    """Seconds [start, end, start, ...] -> frame (start, end) pairs, end None for 'to the end of the file'."""
+    if clip_timestamps is None:
+        return None
+    seconds = [float(t) for t in clip_timestamps]
+    in_order = all(b > a if i % 2 == 0 else b >= a for i, (a, b) in enumerate(zip(seconds, seconds[1:])))
+    if not seconds or seconds[0] < 0 or not in_order:
+        raise ValueError(f"clip timestamps must be seconds start,end,start,... in order, got {seconds}")
+    frames = [round(t * audio_io.FRAMES_PER_SECOND) for t in seconds] + ([None] if len(seconds) % 2 else [])
+    return list(zip(frames[::2], frames[1::2]))
 
 
 def _finish(tokenizer: Tokenizer, state: FileTranscript) -> Transcription:

@@ -166,7 +166,7 @@ def runs(tmp) -> dict[str, Run]:
         "demo_base": (["transcribe", "demo"], env),
         "demo_base_greedy": (["transcribe", "demo", "--assistant", "none", "--threads", "1"], env),
         "version": (["--version"], env),
-        "threads_zero": (["transcribe", "demo", "--threads", "0"], env),
+        "threads_negative": (["transcribe", "demo", "--threads", "-1"], env),
     }
     # Bad values of what can be checked before anything is loaded: one line each, exit status 1 or 2.
     commands.update({
@@ -215,8 +215,8 @@ def test_version(runs):
     assert __version__ == importlib.metadata.version("specwhisper"), "pyproject and package disagree"
 
 
-def test_threads_must_be_positive(runs):
-    assert_one_error_line(runs["threads_zero"], "--threads")
+def test_threads_must_not_be_negative(runs):
+    assert_one_error_line(runs["threads_negative"], "--threads")
 
 
 @pytest.mark.parametrize("name", EARLY_ERRORS)
