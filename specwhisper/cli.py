@@ -144,6 +144,7 @@ def add_transcribe_command(commands) -> None:
     t.add_argument(*_flag("output_dir"), "-o", dest="output_dir", default=None, metavar="DIR",
                    help="folder for the output files (default: the current folder when --output_format is given)")
     add_openai_whisper_flags(t)
+    add_vad_flags(t)
     t.add_argument("--stats", action="store_true", help="print decoding statistics on stderr")
     t.add_argument("--draft-length", type=int, default=None, help="tokens drafted per main-model pass (speculative)")
     t.add_argument("--trace", action="store_true", help="print each transcript token by token on stderr, "
@@ -170,6 +171,31 @@ def add_openai_whisper_flags(t) -> None:
     t.add_argument(*_flag("clip_timestamps"), dest="clip_timestamps", default="0", metavar="SECONDS",
                    help="comma-separated start,end,start,end,... seconds of the parts to transcribe; an odd "
                    "count runs the last part to the end of the file (default: 0, the whole file)")
+
+
+def add_vad_flags(t) -> None:
+    """faster-whisper's VAD filter and its parameters (whisper-ctranslate2's flag names)."""
+    from .vad import VadOptions
+
+    defaults = VadOptions()
+    t.add_argument(*_flag("vad_filter"), dest="vad_filter", type=str2bool, default=False, metavar="BOOL",
+                   help="skip what Silero VAD finds is not speech before the windows are cut; timestamps stay on "
+                   "the recording's timeline (default: False)")
+    for name, kind, help_text in (
+            ("threshold", float, "a 32-ms chunk with this speech probability or more is speech"),
+            ("neg_threshold", optional_float, "speech ends below this probability (None: threshold - 0.15)"),
+            ("min_speech_duration_ms", int, "shorter speech is dropped"),
+            ("max_speech_duration_s", float, "longer speech is split at a silence"),
+            ("min_silence_duration_ms", int, "speech ends after this much silence"),
+            ("speech_pad_ms", int, "added to both sides of each stretch of speech")):
+        t.add_argument(*_flag(f"vad_{name}"), dest=f"vad_{name}", type=kind, default=getattr(defaults, name),
+                       metavar="X", help=f"--vad_filter: {help_text} (default: {getattr(defaults, name)})")
+
+
+def vad_options(args: argparse.Namespace):
+    from .vad import VadOptions
+
+    return VadOptions(**{name: getattr(args, f"vad_{name}") for name in VadOptions.__dataclass_fields__})
 
 
 def add_distill_command(commands) -> None:
@@ -321,7 +347,7 @@ def _transcribe_files(args: argparse.Namespace) -> int:
         compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
         no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
         initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
-        clip_timestamps=args.clip_timestamps)
+        clip_timestamps=args.clip_timestamps, vad_filter=args.vad_filter, vad_options=vad_options(args))
     progress = _progress_bar()
     run_stats = DecodeStats()
     results = transcribe_many(model, paths, assistant=assistant, progress=progress, run_stats=run_stats, **options)

@@ -30,6 +30,7 @@ from .errors import SpecWhisperError
 from .longform import FileTranscript, LongformOptions, Segment, run_files
 from .speculative import speculative_decode
 from .tokenizer import TASKS, Tokenizer
+from .vad import SpeechMap, VadOptions, load_vad, speech_chunks, speech_probabilities
 
 if TYPE_CHECKING:
     from .drafters import Drafter
@@ -178,7 +179,8 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
                     compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
                     no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
                     initial_prompt: str | None = None, carry_initial_prompt: bool = False,
-                    clip_timestamps: Iterable[float] | None = None, progress=None,
+                    clip_timestamps: Iterable[float] | None = None, vad_filter: bool = False,
+                    vad_options: VadOptions | None = None, progress=None,
                     run_stats: DecodeStats | None = None, **decode_options) -> Iterator[Transcription | SpecWhisperError]:
     """Transcribe many recordings, decoding windows of up to `batch_size` of them together.
 
@@ -189,6 +191,8 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
     carry_initial_prompt: every window's prompt starts with `initial_prompt` (else only the first's).
     clip_timestamps: seconds start, end, start, end, ... of the parts to transcribe in every file (an
     odd count: the last part runs to the end), as openai-whisper's; timestamps stay on the file's timeline.
+    vad_filter: cut out what Silero VAD (`specwhisper.vad`, with `vad_options`) finds is not speech before
+    the windows are cut, as faster-whisper's; timestamps are mapped back onto the file's timeline.
     """
     tokenizer = model.tokenizer
     language = check_language(tokenizer, language, task)
@@ -201,6 +205,7 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
         condition_on_previous_text=condition_on_previous_text, carry_initial_prompt=carry_initial_prompt,
         max_prompt_tokens=model.dims.n_text_ctx // 2 - 1)
     clips = clip_frames(clip_timestamps)
+    vad_model = load_vad() if vad_filter else None
     decode_options.setdefault("max_new_tokens", model.dims.n_text_ctx // 2)  # openai-whisper's sample_len
     base_options = DecodingOptions(task=task, language=None, timestamps=timestamps, **decode_options)
     prompt_tokens = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
@@ -210,9 +215,15 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
         samples = audio_io.check_samples(source, "the array of samples") if isinstance(source, np.ndarray) \
             else audio_io.load_audio(source)
         loaded = time.perf_counter()
+        audio_seconds = len(samples) / audio_io.SAMPLE_RATE
+        speech_map = None
+        if vad_model is not None:
+            speech_map = SpeechMap(tuple(speech_chunks(speech_probabilities(vad_model, samples), len(samples),
+                                                       vad_options or VadOptions())))
+            samples = speech_map.speech_only(samples)
         mel, content_frames = audio_io.log_mel_windows(samples, n_mels=model.dims.n_mels)
         done = time.perf_counter()
-        info = {"audio_seconds": len(samples) / audio_io.SAMPLE_RATE, "started": started,
+        info = {"audio_seconds": audio_seconds, "started": started, "speech_map": speech_map,
                 "timings": {"load_audio": loaded - started, "log_mel": done - loaded}}
         return FileTranscript(index=index, mel=mel, content_frames=content_frames, language=language,
                               initial_prompt=prompt_tokens, info=info,
@@ -238,6 +249,17 @@ def clip_frames(clip_timestamps: Iterable[float] | None) -> list[tuple[int, int 
     return list(zip(frames[::2], frames[1::2]))
 
 
+def on_original_timeline(segment: Segment, speech_map: SpeechMap) -> Segment:
+    """A segment (and its words, when it has them) timed on the speech-only audio -> on the recording's timeline."""
+    words = getattr(segment, "words", None)
+    if words:
+        words = [replace(w, start=speech_map.original_time(w.start), end=speech_map.original_time(w.end, is_end=True))
+                 for w in words]
+        segment = replace(segment, words=words)
+    return replace(segment, start=speech_map.original_time(segment.start),
+                   end=speech_map.original_time(segment.end, is_end=True))
+
+
 def _finish(tokenizer: Tokenizer, state: FileTranscript) -> Transcription:
     s = state.stats
     timings = dict(state.info["timings"])
@@ -245,8 +267,10 @@ def _finish(tokenizer: Tokenizer, state: FileTranscript) -> Transcription:
     timings["decode"] = s.prefill_seconds + s.decode_seconds + s.draft_seconds + s.verify_seconds
     timings["total"] = time.perf_counter() - state.info["started"]
     tokens = state.tokens
+    speech_map = state.info.get("speech_map")
+    segments = state.segments if speech_map is None else [on_original_timeline(s, speech_map) for s in state.segments]
     return Transcription(
-        text=tokenizer.decode(tokens).strip(), segments=state.segments, language=state.language, tokens=tokens,
+        text=tokenizer.decode(tokens).strip(), segments=segments, language=state.language, tokens=tokens,
         audio_seconds=state.info["audio_seconds"], stats=s, timings=timings, language_probs=state.language_probs,
         draft_mask=list(state.draft_mask), windows=state.windows,
         fallbacks=state.fallbacks)
