@@ -11,6 +11,7 @@ All tensors are (batch, heads, length, head_dim).
   keys 0 .. q_start[b] + i (causal inside the new block, and everything cached
   before it). Keys past that are stale or unwritten slots and are masked.
 - `cross_attention`: decoder queries against the encoder output's K/V, no mask.
+  (`cross_attention_with_scores` also returns the weights' logits: word timing's pass, PyTorch only.)
 - `encoder_attention`: encoder self-attention, no mask.
 - `causal_attention`: queries, keys and values of one block with a causal mask and no
   cache (a draft's training forward).
@@ -335,6 +336,13 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return _each_position(q, lambda row, i: F.scaled_dot_product_attention(
             q[row:row + 1, :, i:i + 1], k[row:row + 1], v[row:row + 1]))
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def cross_attention_with_scores(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-attention step by step, for word timing's one pass: (output (B, H, T, D), the fp32 scores
+    before the softmax (B, H, T, S)). No fused kernel exposes the scores; decoding never calls this."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v, scores
 
 
 def encoder_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

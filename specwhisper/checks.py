@@ -90,3 +90,25 @@ def check_device_available(device: str | None) -> None:
             raise ValueError(f"--device {device}: there are {count} CUDA GPUs (cuda:0 .. cuda:{count - 1})")
     elif kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: MPS (Apple GPU) is not available here")
+
+
+def check_search_options(beam_size: int | None, patience: float | None, length_penalty: float | None,
+                         best_of: int | None) -> None:
+    """openai-whisper's rules for beam search and best-of (its `DecodingTask._verify_options`)."""
+    for name, value in (("beam_size", beam_size), ("best_of", best_of)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} {value}: expected a whole number of at least 1, or None")
+    if patience is not None:
+        if beam_size is None:
+            raise ValueError(f"patience {patience}: patience needs beam_size")
+        if not patience > 0 or round(beam_size * patience) < 1:
+            raise ValueError(f"patience {patience}: beam_size x patience must round to at least 1")
+    if length_penalty is not None and not 0 <= length_penalty <= 1:
+        raise ValueError(f"length_penalty {length_penalty}: expected a value between 0 and 1, or None")
+
+
+def check_assistant_for_beam_search(assistant: str | None, beam_size: int | None) -> None:
+    """An assistant named by the user cannot serve beam search; the default (auto) or none just steps aside."""
+    if beam_size is not None and assistant is not None and assistant.lower() not in ("auto", "none"):
+        raise ValueError(f"--assistant {assistant} with --beam_size: speculative decoding serves greedy and "
+                         "sampling; beam search runs without an assistant")

@@ -18,8 +18,8 @@ import sys
 from importlib import resources
 
 from . import __version__
-from .checks import (check_device_available, check_device_name, check_dtype_name, check_language, check_model_name,
-                     english_only_model)
+from .checks import (check_assistant_for_beam_search, check_device_available, check_device_name, check_dtype_name,
+                     check_language, check_model_name, check_search_options, english_only_model)
 from .errors import SpecWhisperError
 
 EXIT_BAD_INPUT = 1
@@ -50,6 +50,10 @@ def str2bool(text: str) -> bool:
 
 def optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
+
+
+def optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def positive_int(text: str) -> int:
@@ -144,11 +148,84 @@ def add_transcribe_command(commands) -> None:
     t.add_argument(*_flag("output_dir"), "-o", dest="output_dir", default=None, metavar="DIR",
                    help="folder for the output files (default: the current folder when --output_format is given)")
     add_openai_whisper_flags(t)
+    add_word_timestamp_flags(t)
+    add_search_flags(t)
     add_vad_flags(t)
     t.add_argument("--stats", action="store_true", help="print decoding statistics on stderr")
     t.add_argument("--draft-length", type=int, default=None, help="tokens drafted per main-model pass (speculative)")
     t.add_argument("--trace", action="store_true", help="print each transcript token by token on stderr, "
                    "marking drafted tokens and corrections")
+
+
+def add_search_flags(t) -> None:
+    """openai-whisper's beam search and best-of (specwhisper.beam_search); greedy stays the default."""
+    t.add_argument(*_flag("beam_size"), dest="beam_size", type=optional_int, default=None, metavar="N",
+                   help="beams in beam search at temperature 0, without an assistant (default: None, greedy: "
+                   "what speculative decoding reproduces exactly; openai-whisper's is 5)")
+    t.add_argument("--patience", type=optional_float, default=None, metavar="F",
+                   help="beam search ends once round(beam_size x patience) hypotheses have (default: None, 1.0)")
+    t.add_argument(*_flag("length_penalty"), dest="length_penalty", type=optional_float, default=None, metavar="F",
+                   help="rank beams and samples by summed log-probability over ((5 + length) / 6) ** F, F in [0, 1] "
+                   "(default: None, over the length)")
+    t.add_argument(*_flag("best_of"), dest="best_of", type=optional_int, default=None, metavar="N",
+                   help="samples per window above temperature 0, the best ranked kept (default: None, one; "
+                   "openai-whisper's is 5)")
+
+
+def optional_count(text: str) -> int | None:
+    return None if text.lower() == "none" else positive_int(text)
+
+
+# Subtitle options that only apply to cues cut from words: openai-whisper refuses them without word timestamps.
+WORD_SUBTITLE_FLAGS = ("highlight_words", "max_line_width", "max_line_count", "max_words_per_line")
+
+
+def add_word_timestamp_flags(t) -> None:
+    """openai-whisper's word timestamps and the subtitle options built on them."""
+    from .tokenizer import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
+
+    t.add_argument(*_flag("word_timestamps"), dest="word_timestamps", type=str2bool, default=False, metavar="BOOL",
+                   help="time every word from the cross-attention of the alignment heads; segments then start and "
+                   "end with their words (default: False)")
+    t.add_argument(*_flag("prepend_punctuations"), dest="prepend_punctuations", default=PREPEND_PUNCTUATIONS,
+                   metavar="CHARS",
+                   help=f"with word timestamps, these join the next word (default: {PREPEND_PUNCTUATIONS})")
+    t.add_argument(*_flag("append_punctuations"), dest="append_punctuations", default=APPEND_PUNCTUATIONS,
+                   metavar="CHARS",
+                   help=f"with word timestamps, these join the previous word (default: {APPEND_PUNCTUATIONS})")
+    t.add_argument(*_flag("highlight_words"), dest="highlight_words", type=str2bool, default=False, metavar="BOOL",
+                   help="(needs --word_timestamps True) underline each word as it is spoken in srt and vtt")
+    t.add_argument(*_flag("max_line_width"), dest="max_line_width", type=optional_count, default=None, metavar="N",
+                   help="(needs --word_timestamps True) characters in a subtitle line before it breaks")
+    t.add_argument(*_flag("max_line_count"), dest="max_line_count", type=optional_count, default=None, metavar="N",
+                   help="(needs --word_timestamps True, with --max_line_width) lines in a subtitle cue")
+    t.add_argument(*_flag("max_words_per_line"), dest="max_words_per_line", type=optional_count, default=None,
+                   metavar="N", help="(needs --word_timestamps True, no effect with --max_line_width) words in a "
+                   "subtitle cue")
+    t.add_argument(*_flag("hallucination_silence_threshold"), dest="hallucination_silence_threshold",
+                   type=optional_float, default=None, metavar="SECONDS",
+                   help="(with --word_timestamps True) skip silences longer than this around segments that look "
+                   "hallucinated (default: None)")
+
+
+def check_word_arguments(args: argparse.Namespace) -> None:
+    """The subtitle options need word timestamps (an error, as openai-whisper); useless pairs get a warning."""
+    for name in WORD_SUBTITLE_FLAGS:
+        if getattr(args, name) and not args.word_timestamps:
+            raise ValueError(f"--{name} requires --word_timestamps True")
+    if args.max_line_count and not args.max_line_width:
+        say("specwhisper: warning: --max_line_count has no effect without --max_line_width")
+    if args.max_words_per_line and args.max_line_width:
+        say("specwhisper: warning: --max_words_per_line has no effect with --max_line_width")
+    if args.hallucination_silence_threshold is not None and not args.word_timestamps:
+        say("specwhisper: warning: --hallucination_silence_threshold has no effect without --word_timestamps True")
+
+
+def subtitle_options(args: argparse.Namespace):
+    from .outputs import SubtitleOptions
+
+    return SubtitleOptions(max_line_width=args.max_line_width, max_line_count=args.max_line_count,
+                           max_words_per_line=args.max_words_per_line, highlight_words=args.highlight_words)
 
 
 def add_openai_whisper_flags(t) -> None:
@@ -278,6 +355,8 @@ def check_transcribe_arguments(args: argparse.Namespace) -> None:
     check_language(args.language, args.task, english_only_model(args.model))
     if args.assistant is not None and args.assistant.lower() not in ASSISTANT_KEYWORDS:
         check_model_name(args.assistant)
+    check_search_arguments(args)
+    check_word_arguments(args)
     args.suppress_tokens = number_list("--suppress_tokens", args.suppress_tokens, int)
     args.clip_timestamps = number_list("--clip_timestamps", args.clip_timestamps, float)
     if args.clip_timestamps == [0.0]:
@@ -295,6 +374,19 @@ def check_transcribe_arguments(args: argparse.Namespace) -> None:
     if args.model_dir is not None:  # before any name is resolved: conversions and downloads go there
         os.environ["SPECWHISPER_CACHE"] = os.path.join(args.model_dir, "specwhisper")
         os.environ["HF_HUB_CACHE"] = os.path.join(args.model_dir, "huggingface")
+
+
+def check_search_arguments(args: argparse.Namespace) -> None:
+    """--beam_size, --patience, --length_penalty, --best_of as openai-whisper takes them, and no named assistant
+    with beam search."""
+    check_assistant_for_beam_search(args.assistant, args.beam_size)
+    if args.patience is not None and args.beam_size is None:
+        say(f"specwhisper: warning: --patience {args.patience} has no effect without --beam_size")
+        args.patience = None
+    try:
+        check_search_options(args.beam_size, args.patience, args.length_penalty, args.best_of)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
 
 
 def number_list(flag: str, text: str, kind: type) -> list:
@@ -338,8 +430,8 @@ def _transcribe_files(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     check_vocabulary_language(model.tokenizer, args.language, args.task)  # where the name could not tell
     model = dataclasses.replace(model, suppress_tokens=suppressed_tokens(model, args.suppress_tokens))
-    assistant = resolve_assistant(model, args.assistant or DEFAULT_ASSISTANT, args.draft_length,
-                                  explicit=args.assistant is not None)
+    choice = "none" if args.beam_size is not None else (args.assistant or DEFAULT_ASSISTANT)  # beam search: none
+    assistant = resolve_assistant(model, choice, args.draft_length, explicit=args.assistant is not None)
     paths = [demo_clip_path() if path == "demo" else path for path in args.files]
     options = dict(
         language=args.language, task=args.task, timestamps=not args.without_timestamps, batch_size=args.batch_size,
@@ -348,6 +440,11 @@ def _transcribe_files(args: argparse.Namespace) -> int:
         no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
         initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
         clip_timestamps=args.clip_timestamps, vad_filter=args.vad_filter, vad_options=vad_options(args))
+    options.update(word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+                   append_punctuations=args.append_punctuations,
+                   hallucination_silence_threshold=args.hallucination_silence_threshold)
+    options.update(beam_size=args.beam_size, patience=args.patience, length_penalty=args.length_penalty,
+                   best_of=args.best_of)
     progress = _progress_bar()
     run_stats = DecodeStats()
     results = transcribe_many(model, paths, assistant=assistant, progress=progress, run_stats=run_stats, **options)
@@ -365,7 +462,7 @@ def _transcribe_files(args: argparse.Namespace) -> int:
             _print_transcript(result, args.timestamps)
             _refresh(progress)
             if formats:
-                written = write_outputs(result, path, output_dir, formats)
+                written = write_outputs(result, path, output_dir, formats, subtitle_options(args))
                 say(f"specwhisper: wrote {', '.join(str(p) for p in written)}")
             if args.stats:
                 from .report import format_stats
@@ -385,7 +482,9 @@ def _transcribe_files(args: argparse.Namespace) -> int:
 
         say("(in a batch, each file's statistics count the decode calls it shared with others)")
         say(format_stats("all files", SimpleNamespace(stats=run_stats)))
-    if args.files == ["demo"] and args.assistant is None and status == 0:  # the README's first command
+    # The README's first command: what speculative decoding did (nothing to say about beam search).
+    demo_as_in_readme = args.files == ["demo"] and args.assistant is None and args.beam_size is None
+    if demo_as_in_readme and args.temperature == 0 and status == 0:  # greedy's tokens are comparable
         status = explain_demo(model, assistant, transcripts[0], options)
     return status
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .checks import check_search_options
 from .kv_cache import AudioKV, KVCache
 from .screening import ScreenedRow
 
@@ -45,6 +46,14 @@ class DecodingOptions:
     max_initial_timestamp: float = 1.0  # seconds: the first timestamp may not be later
     max_new_tokens: int | None = None  # None: until the decoder's context (448 tokens) is full
     temperature: float = 0.0  # 0: greedy; above 0: sample from softmax(logits / temperature)
+    # openai-whisper's search options (specwhisper.beam_search), each for one kind of temperature:
+    beam_size: int | None = None  # at temperature 0: beam search with this many beams (None: greedy)
+    patience: float | None = None  # beam search ends once round(beam_size * patience) hypotheses have (None: 1)
+    length_penalty: float | None = None  # ranking: None divides summed log-probs by length; α by ((5+len)/6)^α
+    best_of: int | None = None  # above temperature 0: sample this many per window, keep the best ranked
+
+    def __post_init__(self):
+        check_search_options(self.beam_size, self.patience, self.length_penalty, self.best_of)
 
 
 @dataclass
@@ -115,6 +124,8 @@ class WindowResult:
     finished: bool  # ended with end-of-text (False: ran into the context limit)
     language_probs: dict[str, float] | None = None
     draft_mask: list[bool] | None = None  # speculative: True where the token came from an accepted draft
+    audio_kv: AudioKV | None = None  # this row's cross-attention K/V, kept only for word timestamps
+    sum_logprob: float = 0.0  # of the tokens and the end-of-text (what best-of and beam search rank by)
 
 
 class LogitRules:
@@ -308,7 +319,7 @@ class RowProgress:
         n_scored = len(self.tokens) + (1 if self.ended_with_eot else 0)  # end-of-text's log-prob counts too
         return WindowResult(tokens=self.tokens, language=None, avg_logprob=self.sum_logprob / max(n_scored, 1),
                             no_speech_prob=no_speech_prob, finished=self.ended_with_eot,
-                            draft_mask=self.from_draft if with_draft_mask else None)
+                            draft_mask=self.from_draft if with_draft_mask else None, sum_logprob=self.sum_logprob)
 
 
 def step_logits(model: Whisper, hidden: Tensor, options: DecodingOptions) -> tuple[Tensor, list[ScreenedRow] | None]:

@@ -4,7 +4,7 @@
 an explicit length per row. Appending writes at `length` and raises it;
 rolling back only lowers it (O(1), no copy). Attention masks are built from the
 lengths, so slots past a row's length are stale but harmless: the next write
-overwrites them.
+overwrites them. Reordering rows (beam search) is the one operation that copies.
 
 `AudioKV` is the cross-attention K/V of one batch of audio windows: computed
 once per window and reused by every decoding step (and by an assistant that
@@ -19,6 +19,14 @@ import torch
 from torch import Tensor
 
 
+def repeat_rows(tensor: Tensor, n: int) -> Tensor:
+    """(B, ...) -> (B*n, ...), each row n times in a row. One row is repeated as a stride-0 view, no copy
+    (the attention kernels and SDPA all take strides): beam_size copies of a window's K/V cost nothing."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(n, *tensor.shape[1:])
+    return tensor.repeat_interleave(n, dim=0)
+
+
 @dataclass
 class AudioKV:
     keys: list[Tensor]  # per decoder layer, (B, H, S_audio, D)
@@ -28,6 +36,17 @@ class AudioKV:
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
+
+    def rows(self, index: list[int]) -> "AudioKV":
+        """The K/V of these rows, in this order (a view for one row)."""
+        if len(index) == 1:
+            return AudioKV([k[index[0]:index[0] + 1] for k in self.keys], [v[index[0]:index[0] + 1] for v in self.values])
+        picked = torch.tensor(index, device=self.keys[0].device)
+        return AudioKV([k.index_select(0, picked) for k in self.keys], [v.index_select(0, picked) for v in self.values])
+
+    def repeat_rows(self, n: int) -> "AudioKV":
+        """Each row n times in a row (b0 b0 b0 b1 b1 b1 ...): the beams or samples of each window."""
+        return AudioKV([repeat_rows(k, n) for k in self.keys], [repeat_rows(v, n) for v in self.values])
 
     def half(self) -> "AudioKV":
         """The same K/V in fp16, computed once: what a draft's C kernel reads (its numbers never reach the
@@ -116,6 +135,32 @@ class KVCache:
         if max(n + c for n, c in zip(self.lengths, counts)) > self.max_len:
             raise CacheOverflow(f"extending by {max(counts)} tokens passes the {self.max_len}-token context")
         self.lengths = [n + c for n, c in zip(self.lengths, counts)]
+        self._lengths_tensor = None
+
+    def reorder(self, sources: list[int]) -> None:
+        """Row i becomes a copy of what row sources[i] was: beam search keeping, dropping and duplicating
+        hypotheses. The number of rows may change (one prompt's row into beam_size rows). Only the slots
+        below the longest kept length are copied, and in place only the rows that change (docs/beam-search.md
+        has the cost)."""
+        if sources == list(range(self.batch_size)):
+            return
+        n = max(self.lengths[s] for s in sources)
+        if len(sources) == self.batch_size:
+            moved = [i for i, s in enumerate(sources) if s != i]
+            targets = torch.tensor(moved, device=self.keys.device)
+            picked = torch.tensor([sources[i] for i in moved], device=self.keys.device)
+            # The right side is gathered into a new tensor before the write: a row may be both read and written.
+            self.keys[:, targets, :, :n] = self.keys[:, picked, :, :n]
+            self.values[:, targets, :, :n] = self.values[:, picked, :, :n]
+        else:
+            picked = torch.tensor(sources, device=self.keys.device)
+            shape = (self.keys.shape[0], len(sources), *self.keys.shape[2:])  # (L, B', H, S_max, D)
+            keys = torch.zeros(shape, dtype=self.keys.dtype, device=self.keys.device)
+            values = torch.zeros(shape, dtype=self.values.dtype, device=self.values.device)
+            keys[:, :, :, :n] = self.keys[:, picked, :, :n]
+            values[:, :, :, :n] = self.values[:, picked, :, :n]
+            self.keys, self.values = keys, values
+        self.lengths = [self.lengths[s] for s in sources]
         self._lengths_tensor = None
 
     def rollback(self, new_lengths: int | list[int]) -> None:

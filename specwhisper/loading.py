@@ -84,5 +84,7 @@ def load_model(name_or_path: str | os.PathLike = "base", device: str | torch.dev
         suppress = list(tokenizer.non_speech_tokens)
     begin_suppress = generation.get("begin_suppress_tokens", config.get("begin_suppress_tokens")) or \
         tokenizer.encode(" ") + [tokenizer.eot]
+    heads = generation.get("alignment_heads") or None
     return SpeechModel(network=network, tokenizer=tokenizer, name=str(name_or_path), folder=folder,
-                       suppress_tokens=list(suppress), begin_suppress_tokens=list(begin_suppress))
+                       suppress_tokens=list(suppress), begin_suppress_tokens=list(begin_suppress),
+                       alignment_heads=[tuple(pair) for pair in heads] if heads else None)

@@ -23,6 +23,7 @@ scripted results.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -30,10 +31,11 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 from torch import Tensor
 
-from .audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, mel_window
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, mel_window
 from .decoding import DecodeStats, WindowResult
 from .errors import SpecWhisperError
 from .tokenizer import TIME_PRECISION
+from .word_timing import WindowWords, Word, cut_hallucinations, last_word_end, place_words
 
 SECONDS_PER_FRAME = HOP_LENGTH / SAMPLE_RATE  # 0.01 s per mel frame
 FRAMES_PER_TIMESTAMP = round(TIME_PRECISION / SECONDS_PER_FRAME)  # 2: the encoder halves 3000 frames to 1500
@@ -50,6 +52,8 @@ class LongformOptions:
     no_speech_threshold: float | None = 0.6  # <|nocaptions|> probability above (and unsure): silence
     condition_on_previous_text: bool = True  # prompt each window with the text before it
     max_prompt_tokens: int = 223  # previous tokens kept in a prompt: half the 448-token context, less one
+    # With word timestamps: skip silences longer than this (seconds) around likely hallucinations (None: never)
+    hallucination_silence_threshold: float | None = None
     carry_initial_prompt: bool = False  # every window's prompt starts with the initial prompt, not only the first
 
 
@@ -67,9 +71,13 @@ class Segment:
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float
+    words: list[Word] | None = None  # with word timestamps (`specwhisper.word_timing`)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.words is None:
+            del out["words"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class Piece:
 
 class TextTokenizer(Protocol):
     timestamp_begin: int
+    eot: int  # read only with word timestamps
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -91,6 +100,9 @@ class TextTokenizer(Protocol):
 #  temperature, stats to add to, hints per row: tokens the window will likely decode first) -> a WindowResult per row
 DecodeFn = Callable[[Tensor, list[list[int]], list["str | None"], float, DecodeStats, list[list[int]]],
                     list[WindowResult]]
+# (a window's final result, the tokens of each of its complete segments, frames of audio in the window)
+#  -> its words, timed from the window's start (word timestamps: `specwhisper.word_timing.window_words`)
+AlignFn = Callable[[WindowResult, list[list[int]], int], WindowWords]
 
 
 # --------------------------------------------------------------------------- pure decisions
@@ -142,7 +154,7 @@ def split_window(tokens: list[int], timestamp_begin: int, window_frames: int) ->
         end = times[-1] * TIME_PRECISION if times and times[-1] > 0 else window_seconds
         return [Piece(0.0, end, list(tokens))], window_frames
 
-    ends_with_lone_timestamp = len(tokens) >= 2 and not is_time[-2] and is_time[-1]
+    ends_with_lone_timestamp = ends_with_text_then_timestamp(tokens, timestamp_begin)
     if ends_with_lone_timestamp:
         cuts.append(len(tokens))
     pieces = []
@@ -158,6 +170,11 @@ def split_window(tokens: list[int], timestamp_begin: int, window_frames: int) ->
     # The timestamp rules make every complete segment end after <|0.00|>; a zero advance
     # would decode the same window forever, so treat it as "nothing usable here".
     return pieces, advance if advance > 0 else window_frames
+
+
+def ends_with_text_then_timestamp(tokens: list[int], timestamp_begin: int) -> bool:
+    """`... text <|t|>`: the window's last segment is complete and nothing was said after it."""
+    return len(tokens) >= 2 and tokens[-2] < timestamp_begin <= tokens[-1]
 
 
 def retimed_tail(tokens: list[int], n_kept: int, timestamp_begin: int, advance_frames: int) -> list[int]:
@@ -192,6 +209,8 @@ class FileTranscript:
     info: dict[str, Any] = field(default_factory=dict)  # caller's bookkeeping (timings, duration)
     hint: list[int] = field(default_factory=list)  # the last window's re-timed unfinished tail (`retimed_tail`)
     clips: list[tuple[int, int]] | None = None  # (start, end) frames to transcribe, in order; None: all
+    last_speech: float = 0.0  # word timestamps: seconds where the speech so far ended
+    word_seconds: float = 0.0  # word timestamps: time spent aligning words
 
     def __post_init__(self):
         self.history = list(self.initial_prompt) + self.history
@@ -233,8 +252,9 @@ class FileTranscript:
         return carried + (since[-room:] if room > 0 else [])
 
     def add_window(self, result: WindowResult, temperature: float, ratio: float, window_frames: int,
-                   tokenizer: TextTokenizer, options: LongformOptions) -> None:
-        """Take in the final decode of the window at `seek`: keep its segments and move seek on."""
+                   tokenizer: TextTokenizer, options: LongformOptions, align: AlignFn | None = None) -> None:
+        """Take in the final decode of the window at `seek`: keep its segments and move seek on.
+        align: given, the segments get their words (and their times become the words')."""
         self.windows += 1
         self.hint = []
         if self.language is None:
@@ -245,28 +265,65 @@ class FileTranscript:
         offset = self.seek * SECONDS_PER_FRAME
         window_seconds = window_frames * SECONDS_PER_FRAME
         pieces, advance = split_window(result.tokens, tokenizer.timestamp_begin, window_frames)
+        # The model may put a timestamp past the end of the audio in the last window.
+        bounds = [(round(offset + min(p.start, window_seconds), 3), round(offset + min(p.end, window_seconds), 3))
+                  for p in pieces]
+        advance = min(advance, window_frames)
+        words = None
+        if align is not None:
+            words, bounds, advance = self._time_words(align, result, pieces, bounds, window_frames, tokenizer, options,
+                                                      advance)
+            if words is None:  # dropped whole: a likely hallucination after a long silence
+                self.seek += advance
+                return
+            pieces = pieces[:len(words)]  # a likely hallucination cut off with what follows it
         mask = result.draft_mask or [False] * len(result.tokens)
         position = 0
-        for piece in pieces:
+        for index, (piece, (start, end)) in enumerate(zip(pieces, bounds)):
             piece_mask = mask[position:position + len(piece.tokens)]
             position += len(piece.tokens)
             text = tokenizer.decode(piece.tokens)
-            if piece.start == piece.end or not text.strip():
+            if (piece.start == piece.end if words is None else start == end) or not text.strip():
                 continue  # an instant, or no words: nothing to show and nothing to prompt with
             self.segments.append(Segment(
-                id=len(self.segments), seek=self.seek,
-                # The model may put a timestamp past the end of the audio in the last window.
-                start=round(offset + min(piece.start, window_seconds), 3),
-                end=round(offset + min(piece.end, window_seconds), 3),
+                id=len(self.segments), seek=self.seek, start=start, end=end,
                 text=text, tokens=piece.tokens, temperature=temperature, avg_logprob=result.avg_logprob,
-                compression_ratio=ratio, no_speech_prob=result.no_speech_prob))
+                compression_ratio=ratio, no_speech_prob=result.no_speech_prob,
+                words=None if words is None else words[index]))
             self.history.extend(piece.tokens)
             self.draft_mask.extend(piece_mask)
         if advance < window_frames:
             self.hint = retimed_tail(result.tokens, position, tokenizer.timestamp_begin, advance)
-        self.seek += min(advance, window_frames)
+        self.seek += advance
         if not options.condition_on_previous_text or temperature > PROMPT_RESET_TEMPERATURE:
             self.prompt_start = len(self.history)
+
+    def _time_words(self, align: AlignFn, result: WindowResult, pieces: list[Piece], bounds: list[tuple[float, float]],
+                    window_frames: int, tokenizer: TextTokenizer, options: LongformOptions, advance: int):
+        """The words of the pieces, their (start, end) moved to their words, and seek's advance: to the last
+        word's end unless the text ended with a lone timestamp (openai-whisper's rules, which may seek past the
+        window). With options.hallucination_silence_threshold, likely hallucinations are cut off: fewer
+        pieces' words come back, or None when the window is dropped whole."""
+        started = time.perf_counter()
+        timed = align(result, [p.tokens for p in pieces], window_frames)
+        offset = self.seek * SECONDS_PER_FRAME
+        words, bounds = place_words(timed, [(start, end, p.tokens) for (start, end), p in zip(bounds, pieces)],
+                                    offset, self.last_speech, tokenizer.eot)
+        self.word_seconds += time.perf_counter() - started
+        lone_timestamp = ends_with_text_then_timestamp(result.tokens, tokenizer.timestamp_begin)
+        speech_end = last_word_end(words, bounds)
+        if not lone_timestamp and speech_end is not None and speech_end > offset:
+            advance = max(round(speech_end * FRAMES_PER_SECOND) - self.seek, 1)
+        if options.hallucination_silence_threshold is not None:
+            cut = cut_hallucinations(words, bounds, self.seek, self.seek + advance, window_frames, self.content_frames,
+                                     self.last_speech, options.hallucination_silence_threshold, lone_timestamp)
+            if cut.dropped:
+                return None, [], cut.seek - self.seek
+            words, bounds, advance = words[:cut.kept], bounds[:cut.kept], max(cut.seek - self.seek, 1)
+        speech_end = last_word_end(words, bounds)
+        if speech_end is not None:
+            self.last_speech = speech_end
+        return words, bounds, advance
 
 
 # --------------------------------------------------------------------------- the loop
@@ -311,13 +368,14 @@ def decode_with_fallback(decode: DecodeFn, files: list[FileTranscript], mels: Te
 
 
 def step(files: list[FileTranscript], decode: DecodeFn, tokenizer: TextTokenizer, options: LongformOptions,
-         run_stats: DecodeStats | None = None) -> None:
-    """Decode the window at every file's seek as one batch, and move each file on."""
+         run_stats: DecodeStats | None = None, align: AlignFn | None = None) -> None:
+    """Decode the window at every file's seek as one batch, and move each file on (with word timestamps
+    when `align` is given)."""
     windows = [f.window() for f in files]
     mels = torch.stack([w for w, _ in windows])  # (B, n_mels, 3000)
     outcomes = decode_with_fallback(decode, files, mels, tokenizer, options, run_stats)
     for f, (_, frames), (result, temperature, ratio) in zip(files, windows, outcomes):
-        f.add_window(result, temperature, ratio, frames, tokenizer, options)
+        f.add_window(result, temperature, ratio, frames, tokenizer, options, align)
 
 
 class Progress(Protocol):
@@ -332,9 +390,10 @@ class Progress(Protocol):
 
 def run_files(sources: Iterable, open_file: Callable[[int, Any], FileTranscript], decode: DecodeFn,
               tokenizer: TextTokenizer, options: LongformOptions, batch_size: int = 1,
-              progress: Progress | None = None, run_stats: DecodeStats | None = None
+              progress: Progress | None = None, run_stats: DecodeStats | None = None, align: AlignFn | None = None
               ) -> Iterator[tuple[int, FileTranscript | SpecWhisperError]]:
     """Transcribe many files, `batch_size` windows at a time; yields (index, result) in input order.
+    align: given, every segment gets its words (word timestamps).
 
     A file is opened (audio loaded, log-mel computed) only when a batch slot frees up, and its
     features are released as soon as it is done, so memory holds at most `batch_size` files'
@@ -376,7 +435,7 @@ def run_files(sources: Iterable, open_file: Callable[[int, Any], FileTranscript]
                 return
             continue
         before = [f.seek for f in active]
-        step(active, decode, tokenizer, options, run_stats)
+        step(active, decode, tokenizer, options, run_stats, align)
         for f, seek in zip(active, before):
             if progress is not None:
                 progress.update((min(f.seek, f.content_frames) - seek) * SECONDS_PER_FRAME)

@@ -96,10 +96,16 @@ class MultiHeadAttention(nn.Module):
         out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length())
         return self.out(merge_heads(out))
 
-    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int) -> Tensor:
-        """x: (B, T, C) attends to the audio window's precomputed K/V."""
+    def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int, scores: dict | None = None) -> Tensor:
+        """x: (B, T, C) attends to the audio window's precomputed K/V. If `layer` is a key of `scores`, the
+        attention runs step by step and its pre-softmax scores (B, H, T, S) are stored there (word timing)."""
         q = split_heads(self.query(x), self.n_head)
-        return self.out(merge_heads(attention.cross_attention(q, audio_kv.keys[layer], audio_kv.values[layer])))
+        k, v = audio_kv.keys[layer], audio_kv.values[layer]
+        if scores is not None and layer in scores:
+            out, scores[layer] = attention.cross_attention_with_scores(q, k, v)
+        else:
+            out = attention.cross_attention(q, k, v)
+        return self.out(merge_heads(out))
 
     def project_audio_kv(self, audio_features: Tensor) -> tuple[Tensor, Tensor]:
         """audio_features: (B, S, C) -> K, V each (B, H, S, D). Done once per window."""
@@ -137,17 +143,20 @@ class DecoderBlock(nn.Module):
         self.mlp = mlp(n_state)
         self.mlp_ln = nn.LayerNorm(n_state)
 
-    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, audio_kv: AudioKV, cache: KVCache | None, layer: int,
+                cross_scores: dict | None = None) -> Tensor:
         x = x + self.attn.self_forward(self.attn_ln(x), cache, layer)
-        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer)
+        x = x + self.cross_attn.cross_forward(self.cross_attn_ln(x), audio_kv, layer, cross_scores)
         return x + self.mlp(self.mlp_ln(x))
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor, audio_kv: AudioKV, cache: KVCache | None) -> Tensor:
+def run_blocks(blocks: nn.ModuleList, x: Tensor, audio_kv: AudioKV, cache: KVCache | None,
+               cross_scores: dict | None = None) -> Tensor:
     """Decoder blocks on first-block inputs x (B, T, C) at the cache's lengths; then the cache holds
-    the T new positions. Without a cache: teacher forcing from position 0 with a causal mask."""
+    the T new positions. Without a cache: teacher forcing from position 0 with a causal mask.
+    cross_scores: {layer: None, ...} to fill with those layers' cross-attention scores (B, H, T, S)."""
     for layer, block in enumerate(blocks):
-        x = block(x, audio_kv, cache, layer)
+        x = block(x, audio_kv, cache, layer, cross_scores)
     if cache is not None:
         cache.advance(x.shape[1])
     return x
@@ -208,11 +217,13 @@ class TextDecoder(nn.Module):
     def audio_kv(self, audio_features: Tensor) -> AudioKV:
         return cross_attention_kv(self.blocks, audio_features)
 
-    def forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache) -> Tensor:
+    def forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache, cross_scores: dict | None = None) -> Tensor:
         """Run T new tokens per row at positions cache.lengths .. +T, append them to the cache.
 
         tokens: (B, T) -> hidden states (B, T, n_text_state) after the final LayerNorm.
         Use `logits` on the positions you need: greedy needs the last, verification all.
+        cross_scores: {layer: None, ...}; those layers' pre-softmax cross-attention scores (B, H, T, S)
+        are stored in it (word timing's pass; decoding passes none).
         """
         positions = cache.positions(tokens.shape[1])  # (B, T)
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
@@ -220,7 +231,7 @@ class TextDecoder(nn.Module):
         # computed together: what lets a verify pass reproduce greedy steps exactly (docs/exactness.md).
         # The prompt runs as one block in greedy and speculative decoding alike.
         with attention.positions_computed_alone(max(cache.lengths) > 0):
-            x = run_blocks(self.blocks, x, audio_kv, cache)
+            x = run_blocks(self.blocks, x, audio_kv, cache, cross_scores)
         return self.ln(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

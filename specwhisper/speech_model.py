@@ -27,6 +27,8 @@ class SpeechModel:
     folder: Path
     suppress_tokens: list[int]
     begin_suppress_tokens: list[int]
+    # (layer, head) pairs of cross-attention that follow the speech (word timestamps); None: not given
+    alignment_heads: list[tuple[int, int]] | None = None
 
     @property
     def dims(self) -> ModelDims:

@@ -177,6 +177,9 @@ _BYTES_PATTERN = regex.compile(
 
 # Languages written without spaces between words: split words at character boundaries.
 _UNSPACED_LANGUAGES = {"zh", "ja", "th", "lo", "my", "yue"}
+# Word timestamps' defaults (openai-whisper's): punctuation merged into the word after / before it.
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 # Whisper's own name for the no-speech token; Hugging Face files call it <|nocaptions|>.
 # Some English-only files also spell Hebrew with its old ISO code <|iw|>.

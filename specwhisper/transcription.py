@@ -24,13 +24,16 @@ import numpy as np
 import torch
 
 from . import audio as audio_io
-from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, WindowResult, autoregressive_decode,
-                       build_prompts, resolve_languages, window_record)
+from .beam_search import decode_as_asked, uses_beam_search
+from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, WindowResult, build_prompts,
+                       resolve_languages, window_record)
 from .errors import SpecWhisperError
+from .kv_cache import AudioKV
 from .longform import FileTranscript, LongformOptions, Segment, run_files
-from .speculative import speculative_decode
 from .tokenizer import TASKS, Tokenizer
 from .vad import SpeechMap, VadOptions, load_vad, speech_chunks, speech_probabilities
+from .tokenizer import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
+from .word_timing import alignment_heads, window_words
 
 if TYPE_CHECKING:
     from .drafters import Drafter
@@ -49,7 +52,8 @@ class Transcription:
     tokens: list[int]  # the segments' tokens in order (text and window-relative timestamps)
     audio_seconds: float
     stats: DecodeStats  # summed over the file's windows (in a batch: over the decode calls it shared)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: load_audio, log_mel, encoder, decode, total
+    # seconds: load_audio, log_mel, encoder, decode, total (and word_timestamps, when asked for)
+    timings: dict[str, float] = field(default_factory=dict)
     language_probs: dict[str, float] | None = None  # when detected: on the first window
     draft_mask: list[bool] | None = None  # per token: True where it came from an accepted draft
     windows: int = 0  # windows decoded
@@ -72,15 +76,17 @@ def encode_audio(model: SpeechModel, mel: torch.Tensor):
 
 def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOptions, assistant: Drafter | None = None,
                   stats: DecodeStats | None = None, previous_tokens: list[list[int]] | None = None,
-                  languages: list[str | None] | None = None, hints: list[list[int]] | None = None
-                  ) -> list[WindowResult]:
-    """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given.
+                  languages: list[str | None] | None = None, hints: list[list[int]] | None = None,
+                  keep_audio_kv: bool = False) -> list[WindowResult]:
+    """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given;
+    by beam search at temperature 0 with options.beam_size, by best-of sampling above it with options.best_of.
 
     previous_tokens: per row, tokens of the text before this window to condition on (the
     prompt becomes <|startofprev|> previous... <|startoftranscript|> ...); empty or None: none.
     languages: per row, a language code, or None to detect it from that row's audio
     (default: `options.language` for every row).
     hints: per row, tokens the window will likely decode first (long-form's free drafts).
+    keep_audio_kv: each result keeps its row's cross-attention K/V (`audio_kv`), for word timestamps.
     """
     call = DecodeStats()  # this call's alone, summarized in `windows`, then added to `stats`
     started = time.perf_counter()
@@ -92,21 +98,23 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
                            model.dims.n_vocab)
         prompts = build_prompts(model.tokenizer, options, languages, previous_tokens)
         window = WindowBatch(mel, features, audio_kv, prompts, languages, rules, options, hints=hints)
+        if uses_beam_search(options):
+            assistant = None  # speculative decoding serves greedy decoding and sampling, not beam search
         if assistant is not None and not all(assistant.can_draft(language) for language in languages):
             warnings.warn(f"assistant {assistant.name} is English-only and the audio is in "
                           f"{', '.join(sorted(set(str(l) for l in languages)))}: decoding without an assistant",
                           stacklevel=2)
             assistant = None
-        if assistant is None:
-            results = autoregressive_decode(model.network, model.tokenizer, window, call)
-        else:
-            results = speculative_decode(model.network, model.tokenizer, assistant, window, call)
+        results = decode_as_asked(model.network, model.tokenizer, window, assistant, call)
     call.windows.append(window_record(call))
     if stats is not None:
         stats.add(call)
-    for result, language, probs in zip(results, languages, language_probs):
+    for row, (result, language, probs) in enumerate(zip(results, languages, language_probs)):
         result.language = language
         result.language_probs = probs
+        if keep_audio_kv:
+            result.audio_kv = AudioKV([k[row:row + 1] for k in audio_kv.keys],
+                                      [v[row:row + 1] for v in audio_kv.values])
     return results
 
 
@@ -144,7 +152,11 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
                temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
                compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
                no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
-               initial_prompt: str | None = None, progress=None, **decode_options) -> Transcription:
+               initial_prompt: str | None = None, word_timestamps: bool = False,
+               prepend_punctuations: str = PREPEND_PUNCTUATIONS, append_punctuations: str = APPEND_PUNCTUATIONS,
+               hallucination_silence_threshold: float | None = None,
+               beam_size: int | None = None, patience: float | None = None, length_penalty: float | None = None,
+               best_of: int | None = None, progress=None, **decode_options) -> Transcription:
     """Transcribe (or translate to English) a whole recording: a path or 16 kHz mono float samples.
 
     language: a code or name; None detects it on the first 30 s and keeps it for the file.
@@ -158,6 +170,16 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
       and whose average log-probability is below `logprob_threshold` is skipped as silence.
     condition_on_previous_text: prompt each window with the text so far (reset after a window
       sampled above temperature 0.5). initial_prompt: text to prompt the first window with.
+    word_timestamps: give every segment its `words` (start, end, word, probability), timed from the
+      cross-attention of the model's alignment heads (`specwhisper.word_timing`); punctuation in
+      `prepend_punctuations` joins the next word, in `append_punctuations` the previous one.
+    hallucination_silence_threshold: with word timestamps, skip silences longer than this many seconds
+      around segments that look hallucinated (openai-whisper's option; None: never).
+    beam_size: beam search with this many beams at temperature 0 (None: greedy), ending once
+      round(beam_size * patience) hypotheses have ended; best_of: samples per window above temperature 0,
+      the best ranked kept; both rank by summed log-probability over the length, or over
+      ((5 + length) / 6) ** length_penalty (openai-whisper's options; `specwhisper.beam_search`). Beam
+      search runs without the assistant.
     progress: a tqdm-like bar advanced by audio seconds, or None.
     decode_options: more `DecodingOptions` fields (max_new_tokens per window: 224 by default).
     """
@@ -165,8 +187,11 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
         model, [audio], language=language, task=task, timestamps=timestamps, assistant=assistant, batch_size=1,
         temperature=temperature, compression_ratio_threshold=compression_ratio_threshold,
         logprob_threshold=logprob_threshold, no_speech_threshold=no_speech_threshold,
-        condition_on_previous_text=condition_on_previous_text, initial_prompt=initial_prompt, progress=progress,
-        **decode_options))
+        condition_on_previous_text=condition_on_previous_text, initial_prompt=initial_prompt,
+        word_timestamps=word_timestamps, prepend_punctuations=prepend_punctuations,
+        append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
+        beam_size=beam_size, patience=patience,
+        length_penalty=length_penalty, best_of=best_of, progress=progress, **decode_options))
     if isinstance(result, Exception):
         raise result
     return result
@@ -180,7 +205,9 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
                     no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
                     initial_prompt: str | None = None, carry_initial_prompt: bool = False,
                     clip_timestamps: Iterable[float] | None = None, vad_filter: bool = False,
-                    vad_options: VadOptions | None = None, progress=None,
+                    vad_options: VadOptions | None = None, word_timestamps: bool = False,
+                    prepend_punctuations: str = PREPEND_PUNCTUATIONS, append_punctuations: str = APPEND_PUNCTUATIONS,
+                    hallucination_silence_threshold: float | None = None, progress=None,
                     run_stats: DecodeStats | None = None, **decode_options) -> Iterator[Transcription | SpecWhisperError]:
     """Transcribe many recordings, decoding windows of up to `batch_size` of them together.
 
@@ -193,6 +220,7 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
     odd count: the last part runs to the end), as openai-whisper's; timestamps stay on the file's timeline.
     vad_filter: cut out what Silero VAD (`specwhisper.vad`, with `vad_options`) finds is not speech before
     the windows are cut, as faster-whisper's; timestamps are mapped back onto the file's timeline.
+    word_timestamps, prepend_punctuations, append_punctuations, hallucination_silence_threshold: as in `transcribe`.
     """
     tokenizer = model.tokenizer
     language = check_language(tokenizer, language, task)
@@ -203,7 +231,8 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
         temperatures=temperatures, compression_ratio_threshold=compression_ratio_threshold,
         logprob_threshold=logprob_threshold, no_speech_threshold=no_speech_threshold,
         condition_on_previous_text=condition_on_previous_text, carry_initial_prompt=carry_initial_prompt,
-        max_prompt_tokens=model.dims.n_text_ctx // 2 - 1)
+        max_prompt_tokens=model.dims.n_text_ctx // 2 - 1,
+        hallucination_silence_threshold=hallucination_silence_threshold)
     clips = clip_frames(clip_timestamps)
     vad_model = load_vad() if vad_filter else None
     decode_options.setdefault("max_new_tokens", model.dims.n_text_ctx // 2)  # openai-whisper's sample_len
@@ -231,9 +260,17 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
 
     def decode(mels, previous, languages, temperature, stats, hints):
         return decode_window(model, mels, replace(base_options, temperature=temperature), assistant=assistant,
-                             stats=stats, previous_tokens=previous, languages=languages, hints=hints)
+                             stats=stats, previous_tokens=previous, languages=languages, hints=hints,
+                             keep_audio_kv=word_timestamps)
 
-    for _, state in run_files(audios, open_file, decode, tokenizer, options, batch_size, progress, run_stats):
+    heads = alignment_heads(model) if word_timestamps else None
+
+    def align(result: WindowResult, segment_tokens: list[list[int]], frames: int):
+        return window_words(model.network, tokenizer, heads, result.audio_kv, result.language, task, segment_tokens,
+                            frames, prepend_punctuations, append_punctuations)
+
+    for _, state in run_files(audios, open_file, decode, tokenizer, options, batch_size, progress, run_stats,
+                              align if word_timestamps else None):
         yield state if isinstance(state, SpecWhisperError) else _finish(tokenizer, state)
 
 
@@ -265,6 +302,8 @@ def _finish(tokenizer: Tokenizer, state: FileTranscript) -> Transcription:
     timings = dict(state.info["timings"])
     timings["encoder"] = s.encoder_seconds
     timings["decode"] = s.prefill_seconds + s.decode_seconds + s.draft_seconds + s.verify_seconds
+    if state.word_seconds:
+        timings["word_timestamps"] = state.word_seconds
     timings["total"] = time.perf_counter() - state.info["started"]
     tokens = state.tokens
     speech_map = state.info.get("speech_map")

@@ -8,7 +8,8 @@ against a pinned SHA-256): no TorchScript, no onnxruntime, no torchaudio, no ext
 convolutions run for all chunks at once; only the LSTM is sequential, as one `nn.LSTM` call.
 
 `speech_chunks` turns the probabilities into speech regions with faster-whisper's parameters;
-`SpeechMap` maps times on the speech-only audio back onto the recording's timeline.
+`SpeechMap` maps times on the speech-only audio back onto the recording's timeline. This module
+imports no torch (the CLI reads `VadOptions` before torch is loaded); the network is in `vad_network`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
-import torch
-from torch import nn
 
 from .weights.checksums import check_sha256
 
@@ -41,35 +40,15 @@ class VadOptions:
     speech_pad_ms: int = 400  # added to both sides of each region
 
 
-class SileroVad(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stft_conv = nn.Conv1d(1, 258, kernel_size=256, stride=128, bias=False)  # real and imaginary parts
-        self.conv1 = nn.Conv1d(129, 128, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(128, 64, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(64, 64, kernel_size=3, stride=2, padding=1)
-        self.conv4 = nn.Conv1d(64, 128, kernel_size=3, padding=1)
-        self.lstm = nn.LSTM(128, 128, batch_first=True)  # Silero's LSTMCell (same gates), over the whole sequence
-        self.final_conv = nn.Conv1d(128, 1, kernel_size=1)
-
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        """windows (n, CONTEXT + CHUNK) in time order -> speech probabilities (n,)."""
-        x = nn.functional.pad(windows[:, None, :], (0, CONTEXT), mode="reflect")  # (n, 1, 640)
-        x = self.stft_conv(x)  # (n, 258, 4)
-        x = torch.sqrt(x[:, :129] ** 2 + x[:, 129:] ** 2)  # magnitudes (n, 129, 4)
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            x = torch.relu(conv(x))  # ... -> (n, 128, 1)
-        hidden, _ = self.lstm(x.squeeze(-1)[None])  # (1, n, 128)
-        x = self.final_conv(torch.relu(hidden[0]).T[None])  # (1, 1, n)
-        return torch.sigmoid(x)[0, 0]
-
-
 def weights_file():
     return resources.files("specwhisper") / "assets" / "vad" / "silero_vad_v6_16k.safetensors"
 
 
-def load_vad() -> SileroVad:
+def load_vad():
+    """The network (`specwhisper.vad_network.SileroVad`) with its shipped weights, checked."""
     from safetensors.torch import load_file
+
+    from .vad_network import SileroVad
 
     path = weights_file()
     check_sha256(path, WEIGHTS_SHA256, "reinstall specwhisper")
@@ -79,15 +58,17 @@ def load_vad() -> SileroVad:
     return model.eval()
 
 
-@torch.no_grad()
-def speech_probabilities(model: SileroVad, audio: np.ndarray) -> np.ndarray:
+def speech_probabilities(model, audio: np.ndarray) -> np.ndarray:
     """One probability per 512-sample chunk of 16 kHz audio (the last chunk zero-padded)."""
+    import torch
+
     n_chunks = -(-len(audio) // CHUNK)
     padded = np.zeros(CONTEXT + n_chunks * CHUNK, np.float32)
     padded[CONTEXT:CONTEXT + len(audio)] = audio
     samples = torch.from_numpy(padded)
     windows = samples.unfold(0, CONTEXT + CHUNK, CHUNK)  # (n_chunks, 576): each chunk after its context
-    return model(windows).numpy()
+    with torch.no_grad():
+        return model(windows).numpy()
 
 
 def speech_chunks(probabilities: np.ndarray, n_samples: int, options: VadOptions = VadOptions()

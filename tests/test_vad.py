@@ -22,7 +22,7 @@ needs_silero = pytest.mark.skipif(importlib.util.find_spec("silero_vad") is None
 
 
 @pytest.fixture(scope="module")
-def model() -> vad.SileroVad:
+def model():
     return vad.load_vad()
 
 
