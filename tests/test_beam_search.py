@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from conftest import read_manifest
-from random_models import make_random_model
 from specwhisper import audio, beam_search
 from specwhisper.beam_search import Hypothesis, rank, search, select
 from specwhisper.cli import main
@@ -149,11 +148,6 @@ def test_length_penalty_ranks_as_specified():
 
 
 # ---------------------------------------------------------------- random-weight models
-
-
-@pytest.fixture(scope="module")
-def random_main(tmp_path_factory):
-    return make_random_model(tmp_path_factory.mktemp("beam") / "m", seed=11, n_text_layer=3)
 
 
 @pytest.fixture(scope="module")

@@ -163,11 +163,6 @@ def test_constant_draft_length_stays_put():
 
 
 @pytest.fixture(scope="module")
-def random_main(tmp_path_factory):
-    return make_random_model(tmp_path_factory.mktemp("main") / "m", seed=11, n_text_layer=3)
-
-
-@pytest.fixture(scope="module")
 def random_mels():
     torch.manual_seed(5)
     return torch.randn(3, 80, 3000)
@@ -246,7 +241,6 @@ def test_sampling_runs_and_respects_the_rules(random_main, random_mels, tmp_path
     bad = make_random_model(tmp_path / "bad_s", seed=8)
     assistant = make_assistant(random_main, bad, draft_length=3)
     generator_tokens, stats = decode(random_main, random_mels[:1], assistant, temperature=1.0)
-    tokenizer = random_main.tokenizer
     assert all(t not in set(random_main.suppress_tokens) for t in generator_tokens[0])
     assert stats.drafted > 0
 
