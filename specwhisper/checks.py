@@ -112,3 +112,11 @@ def check_assistant_for_beam_search(assistant: str | None, beam_size: int | None
     if beam_size is not None and assistant is not None and assistant.lower() not in ("auto", "none"):
         raise ValueError(f"--assistant {assistant} with --beam_size: speculative decoding serves greedy and "
                          "sampling; beam search runs without an assistant")
+
+
+def check_clip_timestamps(seconds: list[float], name: str) -> list[float]:
+    """openai-whisper's clip_timestamps: start,end,start,... seconds, each clip after the one before."""
+    in_order = all(b > a if i % 2 == 0 else b >= a for i, (a, b) in enumerate(zip(seconds, seconds[1:])))
+    if not seconds or seconds[0] < 0 or not in_order:
+        raise ValueError(f"{name} {','.join(map(str, seconds))}: expected seconds start,end,start,end,... in order")
+    return seconds

@@ -18,8 +18,9 @@ import sys
 from importlib import resources
 
 from . import __version__
-from .checks import (check_assistant_for_beam_search, check_device_available, check_device_name, check_dtype_name,
-                     check_language, check_model_name, check_search_options, english_only_model)
+from .checks import (check_assistant_for_beam_search, check_clip_timestamps, check_device_available,
+                     check_device_name, check_dtype_name, check_language, check_model_name, check_search_options,
+                     english_only_model)
 from .errors import SpecWhisperError
 
 EXIT_BAD_INPUT = 1
@@ -68,8 +69,7 @@ def positive_int(text: str) -> int:
 
 def thread_count(text: str) -> int | None:
     """openai-whisper's --threads: a whole number, 0 for torch's default."""
-    value = positive_int(text) if text.strip() not in ("0", "None") else None
-    return value
+    return None if text.strip() in ("0", "None") else positive_int(text)
 
 
 def optional_bool(text: str) -> bool | None:
@@ -362,11 +362,7 @@ def check_transcribe_arguments(args: argparse.Namespace) -> None:
     if args.clip_timestamps == [0.0]:
         args.clip_timestamps = None  # openai-whisper's default: the whole file
     if args.clip_timestamps is not None:
-        ok = all(b > a if i % 2 == 0 else b >= a for i, (a, b) in enumerate(zip(args.clip_timestamps,
-                                                                              args.clip_timestamps[1:])))
-        if not ok or args.clip_timestamps[0] < 0:
-            raise ValueError(f"--clip_timestamps {','.join(map(str, args.clip_timestamps))}: expected seconds "
-                             "start,end,start,end,... in order")
+        check_clip_timestamps(args.clip_timestamps, "--clip_timestamps")
     if not args.fp16 and args.dtype is None:
         args.dtype = "float32"
     if args.verbose:

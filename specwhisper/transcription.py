@@ -25,14 +25,14 @@ import torch
 
 from . import audio as audio_io
 from .beam_search import decode_as_asked, uses_beam_search
+from .checks import check_clip_timestamps
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, WindowResult, build_prompts,
                        resolve_languages, window_record)
 from .errors import SpecWhisperError
 from .kv_cache import AudioKV
 from .longform import FileTranscript, LongformOptions, Segment, run_files
-from .tokenizer import TASKS, Tokenizer
+from .tokenizer import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, TASKS, Tokenizer
 from .vad import SpeechMap, VadOptions, load_vad, speech_chunks, speech_probabilities
-from .tokenizer import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from .word_timing import alignment_heads, window_words
 
 if TYPE_CHECKING:
@@ -278,10 +278,7 @@ def clip_frames(clip_timestamps: Iterable[float] | None) -> list[tuple[int, int 
     """Seconds [start, end, start, ...] -> frame (start, end) pairs, end None for 'to the end of the file'."""
     if clip_timestamps is None:
         return None
-    seconds = [float(t) for t in clip_timestamps]
-    in_order = all(b > a if i % 2 == 0 else b >= a for i, (a, b) in enumerate(zip(seconds, seconds[1:])))
-    if not seconds or seconds[0] < 0 or not in_order:
-        raise ValueError(f"clip timestamps must be seconds start,end,start,... in order, got {seconds}")
+    seconds = check_clip_timestamps([float(t) for t in clip_timestamps], "clip_timestamps")
     frames = [round(t * audio_io.FRAMES_PER_SECOND) for t in seconds] + ([None] if len(seconds) % 2 else [])
     return list(zip(frames[::2], frames[1::2]))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CONTEXT = 64  # samples of the previous chunk each 512-sample chunk is seen with (specwhisper.vad.CONTEXT)
+from .vad import CONTEXT
 
 
 class SileroVad(nn.Module):

@@ -30,18 +30,27 @@ OPENAI_WHISPER_FLAGS = {
 }
 
 
+@pytest.fixture
+def restored_environment():
+    """--model_dir points the caches elsewhere through the environment: put it back for the tests after."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def parse(*flags: str):
     return build_parser().parse_args(["transcribe", "talk.wav", *flags])
 
 
 @pytest.mark.parametrize("flag", OPENAI_WHISPER_FLAGS)
-def test_every_openai_whisper_flag_is_accepted(flag):
+def test_every_openai_whisper_flag_is_accepted(flag, restored_environment):
     value = OPENAI_WHISPER_FLAGS[flag]
     args = parse(f"{flag}={value}")
     check_transcribe_arguments(args)  # the checks that run before anything is loaded
 
 
-def test_a_whole_openai_whisper_command_line_parses():
+def test_a_whole_openai_whisper_command_line_parses(restored_environment):
     flags = [f"{flag}={value}" for flag, value in OPENAI_WHISPER_FLAGS.items() if flag not in ("--model_dir",)]
     args = parse(*flags)
     check_transcribe_arguments(args)
