@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specwhisper {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_transcribe_command(commands)
+    add_transcribe_many_command(commands)
     add_distill_command(commands)
     return parser
 
@@ -98,6 +99,56 @@ def add_transcribe_command(commands) -> None:
     t.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV natively; FLAC, MP3, Ogg, M4A, WebM, video files' audio, ... "
                    "through FFmpeg's libraries, in-process); "
                    "'demo' is the bundled demo clip")
+    add_decoding_flags(t)
+    t.add_argument("--timestamps", action="store_true",
+                   help="on stdout, one line per segment '[HH:MM:SS.mmm --> HH:MM:SS.mmm] text' instead of one "
+                   "line per file")
+    t.add_argument("--verbose", type=optional_bool, default=None, metavar="BOOL",
+                   help="True: one line per segment with its times on stdout (as --timestamps); False or None: "
+                   "one line per file (default: None)")
+    t.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                   help="CPU threads for torch and the C kernels; 0: torch's default, one per core (default: 0)")
+    t.add_argument(*_flag("output_format"), "-f", dest="output_format", default=None,
+                   choices=["txt", "srt", "vtt", "json", "tsv", "all"], metavar="FORMAT",
+                   help="write <stem>.<format> files: txt, srt, vtt, json, tsv or all (default: none; all when --output_dir "
+                   "is given)")
+    t.add_argument(*_flag("output_dir"), "-o", dest="output_dir", default=None, metavar="DIR",
+                   help="folder for the output files (default: the current folder when --output_format is given)")
+    t.add_argument("--stats", action="store_true", help="print decoding statistics on stderr")
+    t.add_argument("--trace", action="store_true", help="print each transcript token by token on stderr, "
+                   "marking drafted tokens and corrections")
+
+
+def add_transcribe_many_command(commands) -> None:
+    m = commands.add_parser(
+        "transcribe-many", help="transcribe a folder or a list of files with Ray, on this machine or a cluster",
+        description="Transcribe many files through Ray Data: each worker loads the model once and streams files "
+        "through; per file the outputs `transcribe` writes, plus one results table (results.jsonl). Running the "
+        "same command again skips the files already done. Needs the ray extra: pip install 'specwhisper[ray]'.")
+    m.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder (searched recursively for audio files), a manifest (a text file with one audio path "
+                   "per line; relative paths are relative to the manifest's folder) or an audio file")
+    m.add_argument(*_flag("output_dir"), "-o", dest="output_dir", required=True, metavar="DIR",
+                   help="folder for the outputs, mirroring the sources' folders, and results.jsonl; on a cluster, "
+                   "a folder every machine sees at this path")
+    m.add_argument(*_flag("output_format"), "-f", dest="output_format", default="all",
+                   choices=["txt", "srt", "vtt", "json", "tsv", "all"], metavar="FORMAT",
+                   help="txt, srt, vtt, json, tsv or all (default: all)")
+    m.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None, metavar="ADDRESS",
+                   help="join this Ray cluster (host:port of its head, or 'auto'); default: start Ray on this "
+                   "machine, sized to its cores")
+    m.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="Ray actors, each with its own copy of the model (default: the cluster's CPUs / "
+                   "--threads-per-worker)")
+    m.add_argument("--threads-per-worker", "--threads_per_worker", dest="threads_per_worker", type=positive_int,
+                   default=1, metavar="T", help="CPUs each worker reserves and torch threads it runs (default: 1)")
+    m.add_argument("--retry-failed", "--retry_failed", dest="retry_failed", action="store_true",
+                   help="also try again the files the results table records as failed (default: skip them too)")
+    add_decoding_flags(m)
+
+
+def add_decoding_flags(t) -> None:
+    """What `transcribe` and `transcribe-many` share: the model, its assistant, and how windows are decoded."""
     t.add_argument("--model", default="base", help="model name (base, tiny.en, large-v3, ...), hub id or folder (default: base)")
     t.add_argument("--assistant", default=None,
                    help="assistant for speculative decoding: 'auto' (the distilled draft made for --model, when "
@@ -105,21 +156,17 @@ def add_transcribe_command(commands) -> None:
                    "'free' (only drafts that cost nothing: a window's likely start, repeated phrases), or 'none' "
                    f"(plain greedy decoding; default: {DEFAULT_ASSISTANT}, which on a GPU or without a C compiler "
                    "is none). All but none add the free drafts.")
+    t.add_argument("--draft-length", type=int, default=None, help="tokens drafted per main-model pass (speculative)")
     t.add_argument("--language", default=None, help="language code or name (en, de, german, ...); default: detect "
                    "on the first 30 s of each file")
     t.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
                    help="transcribe, or translate to English (default: transcribe)")
-    t.add_argument("--timestamps", action="store_true",
-                   help="on stdout, one line per segment '[HH:MM:SS.mmm --> HH:MM:SS.mmm] text' instead of one "
-                   "line per file")
     t.add_argument(*_flag("without_timestamps"), dest="without_timestamps", action="store_true",
                    help="decode without timestamp tokens: each 30-s window becomes one segment (default: timestamp "
                    "mode, which splits the text into timed segments and seeks between windows as openai-whisper)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on cuda, fp32 on cpu; "
                    "fp16 on the CPU is ~5x slower)")
-    t.add_argument("--threads", type=thread_count, default=None, metavar="N",
-                   help="CPU threads for torch and the C kernels; 0: torch's default, one per core (default: 0)")
     t.add_argument(*_flag("batch_size"), dest="batch_size", type=positive_int, default=1, metavar="N",
                    help="decode windows of this many files together (default: 1)")
     t.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -141,20 +188,10 @@ def add_transcribe_command(commands) -> None:
                    help="prompt each window with the text before it, True or False (default: True)")
     t.add_argument(*_flag("initial_prompt"), dest="initial_prompt", default=None, metavar="TEXT",
                    help="text to prompt the first window with (spellings, names)")
-    t.add_argument(*_flag("output_format"), "-f", dest="output_format", default=None,
-                   choices=["txt", "srt", "vtt", "json", "tsv", "all"], metavar="FORMAT",
-                   help="write <stem>.<format> files: txt, srt, vtt, json, tsv or all (default: none; all when --output_dir "
-                   "is given)")
-    t.add_argument(*_flag("output_dir"), "-o", dest="output_dir", default=None, metavar="DIR",
-                   help="folder for the output files (default: the current folder when --output_format is given)")
     add_openai_whisper_flags(t)
     add_word_timestamp_flags(t)
     add_search_flags(t)
     add_vad_flags(t)
-    t.add_argument("--stats", action="store_true", help="print decoding statistics on stderr")
-    t.add_argument("--draft-length", type=int, default=None, help="tokens drafted per main-model pass (speculative)")
-    t.add_argument("--trace", action="store_true", help="print each transcript token by token on stderr, "
-                   "marking drafted tokens and corrections")
 
 
 def add_search_flags(t) -> None:
@@ -230,9 +267,6 @@ def subtitle_options(args: argparse.Namespace):
 
 def add_openai_whisper_flags(t) -> None:
     """The rest of openai-whisper's `whisper` command line, so that one runs unchanged as `specwhisper transcribe`."""
-    t.add_argument("--verbose", type=optional_bool, default=None, metavar="BOOL",
-                   help="True: one line per segment with its times on stdout (as --timestamps); False or None: "
-                   "one line per file (default: None)")
     t.add_argument(*_flag("suppress_tokens"), dest="suppress_tokens", default="-1", metavar="IDS",
                    help="comma-separated token ids never to write; -1: the model's non-speech tokens; '': none "
                    "(default: -1)")
@@ -365,7 +399,7 @@ def check_transcribe_arguments(args: argparse.Namespace) -> None:
         check_clip_timestamps(args.clip_timestamps, "--clip_timestamps")
     if not args.fp16 and args.dtype is None:
         args.dtype = "float32"
-    if args.verbose:
+    if getattr(args, "verbose", None):
         args.timestamps = True
     if args.model_dir is not None:  # before any name is resolved: conversions and downloads go there
         os.environ["SPECWHISPER_CACHE"] = os.path.join(args.model_dir, "specwhisper")
@@ -416,31 +450,16 @@ def run_transcribe(args: argparse.Namespace) -> int:
 
 def _transcribe_files(args: argparse.Namespace) -> int:
     from .decoding import DecodeStats
-    from .loading import load_model
     from .outputs import output_formats, write_outputs
-    from .transcription import check_language as check_vocabulary_language
     from .transcription import transcribe_many
 
     formats = output_formats(args.output_format or "all") if (args.output_format or args.output_dir) else ()
     output_dir = args.output_dir or "."
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    check_vocabulary_language(model.tokenizer, args.language, args.task)  # where the name could not tell
-    model = dataclasses.replace(model, suppress_tokens=suppressed_tokens(model, args.suppress_tokens))
-    choice = "none" if args.beam_size is not None else (args.assistant or DEFAULT_ASSISTANT)  # beam search: none
-    assistant = resolve_assistant(model, choice, args.draft_length, explicit=args.assistant is not None)
+    model, assistant = load_model_and_assistant(args.model, args.assistant, args.draft_length, args.beam_size,
+                                                args.suppress_tokens, args.language, args.task, args.device,
+                                                args.dtype)
     paths = [demo_clip_path() if path == "demo" else path for path in args.files]
-    options = dict(
-        language=args.language, task=args.task, timestamps=not args.without_timestamps, batch_size=args.batch_size,
-        temperature=fallback_temperatures(args.temperature, args.temperature_increment_on_fallback),
-        compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
-        no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
-        initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
-        clip_timestamps=args.clip_timestamps, vad_filter=args.vad_filter, vad_options=vad_options(args))
-    options.update(word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
-                   append_punctuations=args.append_punctuations,
-                   hallucination_silence_threshold=args.hallucination_silence_threshold)
-    options.update(beam_size=args.beam_size, patience=args.patience, length_penalty=args.length_penalty,
-                   best_of=args.best_of)
+    options = transcription_options(args)
     progress = _progress_bar()
     run_stats = DecodeStats()
     results = transcribe_many(model, paths, assistant=assistant, progress=progress, run_stats=run_stats, **options)
@@ -483,6 +502,38 @@ def _transcribe_files(args: argparse.Namespace) -> int:
     if demo_as_in_readme and args.temperature == 0 and status == 0:  # greedy's tokens are comparable
         status = explain_demo(model, assistant, transcripts[0], options)
     return status
+
+
+def load_model_and_assistant(model_name: str, assistant_choice: str | None, draft_length: int | None,
+                             beam_size: int | None, suppress_tokens: list[int], language: str | None, task: str,
+                             device: str | None, dtype: str | None):
+    """The main model (its suppressed tokens as --suppress_tokens says) and the drafter --assistant names
+    (None: plain decoding), as `transcribe` and every `transcribe-many` worker load them."""
+    from .loading import load_model
+    from .transcription import check_language as check_vocabulary_language
+
+    model = load_model(model_name, device=device, dtype=dtype)
+    check_vocabulary_language(model.tokenizer, language, task)  # where the name could not tell
+    model = dataclasses.replace(model, suppress_tokens=suppressed_tokens(model, suppress_tokens))
+    choice = "none" if beam_size is not None else (assistant_choice or DEFAULT_ASSISTANT)  # beam search: none
+    return model, resolve_assistant(model, choice, draft_length, explicit=assistant_choice is not None)
+
+
+def transcription_options(args: argparse.Namespace) -> dict:
+    """The decoding flags -> `transcribe_many`'s keyword arguments."""
+    options = dict(
+        language=args.language, task=args.task, timestamps=not args.without_timestamps, batch_size=args.batch_size,
+        temperature=fallback_temperatures(args.temperature, args.temperature_increment_on_fallback),
+        compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
+        no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
+        initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
+        clip_timestamps=args.clip_timestamps, vad_filter=args.vad_filter, vad_options=vad_options(args))
+    options.update(word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+                   append_punctuations=args.append_punctuations,
+                   hallucination_silence_threshold=args.hallucination_silence_threshold)
+    options.update(beam_size=args.beam_size, patience=args.patience, length_penalty=args.length_penalty,
+                   best_of=args.best_of)
+    return options
 
 
 def suppressed_tokens(model, ids: list[int]) -> list[int]:
@@ -629,12 +680,35 @@ def run_distill(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def run_transcribe_many(args: argparse.Namespace) -> int:
+    """The flags checked as `transcribe` checks them, before Ray starts; then the job, then its summary line."""
+    check_transcribe_arguments(args)
+    from .cluster import find_audio, plan_outputs, settings_from_args, transcribe_files
+
+    plan_outputs(find_audio(args.sources))  # no files, or clashing outputs: one line, before Ray starts
+    prepare_torch(args.device, args.dtype, None)
+    settings = settings_from_args(args)
+    if settings.assistant and settings.assistant.lower() not in ASSISTANT_KEYWORDS:
+        load_model_and_assistant(settings.model, settings.assistant, settings.draft_length, args.beam_size,
+                                 args.suppress_tokens, args.language, args.task, args.device, args.dtype)
+    else:  # the weights on this machine (converted once), or a one-line error, before any worker loads them
+        from .weights.resolve import resolve_model_folder
+
+        resolve_model_folder(args.model)
+    summary = transcribe_files(args.sources, args.output_dir, settings, ray_address=args.ray_address,
+                               workers=args.workers, retry_failed=args.retry_failed)
+    say(f"specwhisper: {summary.line()}")
+    return EXIT_BAD_INPUT if summary.failed or summary.skipped_failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "transcribe":
             return run_transcribe(args)
+        if args.command == "transcribe-many":
+            return run_transcribe_many(args)
         if args.command == "distill":
             return run_distill(args, argv)
     except (SpecWhisperError, ValueError) as err:
