@@ -188,6 +188,11 @@ def add_decoding_flags(t) -> None:
                    help="prompt each window with the text before it, True or False (default: True)")
     t.add_argument(*_flag("initial_prompt"), dest="initial_prompt", default=None, metavar="TEXT",
                    help="text to prompt the first window with (spellings, names)")
+    t.add_argument("--seed", type=optional_int, default=0, metavar="N",
+                   help="sampling (temperature fallback, best-of) draws from this seed afresh for each window, by the "
+                   "main model alone, so a transcript depends only on the file and the flags: not on the files "
+                   "before it or the assistant; None: PyTorch's global random numbers, as openai-whisper, and "
+                   "speculative sampling with an assistant (default: 0)")
     add_openai_whisper_flags(t)
     add_word_timestamp_flags(t)
     add_search_flags(t)
@@ -532,7 +537,7 @@ def transcription_options(args: argparse.Namespace) -> dict:
                    append_punctuations=args.append_punctuations,
                    hallucination_silence_threshold=args.hallucination_silence_threshold)
     options.update(beam_size=args.beam_size, patience=args.patience, length_penalty=args.length_penalty,
-                   best_of=args.best_of)
+                   best_of=args.best_of, seed=args.seed)
     return options
 
 

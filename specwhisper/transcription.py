@@ -77,7 +77,7 @@ def encode_audio(model: SpeechModel, mel: torch.Tensor):
 def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOptions, assistant: Drafter | None = None,
                   stats: DecodeStats | None = None, previous_tokens: list[list[int]] | None = None,
                   languages: list[str | None] | None = None, hints: list[list[int]] | None = None,
-                  keep_audio_kv: bool = False) -> list[WindowResult]:
+                  keep_audio_kv: bool = False, generator: torch.Generator | None = None) -> list[WindowResult]:
     """Decode a batch of mel windows (B, n_mels, 3000) greedily, or speculatively when an assistant is given;
     by beam search at temperature 0 with options.beam_size, by best-of sampling above it with options.best_of.
 
@@ -87,6 +87,9 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
     (default: `options.language` for every row).
     hints: per row, tokens the window will likely decode first (long-form's free drafts).
     keep_audio_kv: each result keeps its row's cross-attention K/V (`audio_kv`), for word timestamps.
+    generator: the random numbers of sampling (temperature > 0), which is then done by the main model alone:
+      speculative sampling's draws depend on how many tokens the controller drafts, which follows measured
+      costs; None: PyTorch's global generator, and speculative sampling with an assistant.
     """
     call = DecodeStats()  # this call's alone, summarized in `windows`, then added to `stats`
     started = time.perf_counter()
@@ -97,9 +100,12 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
         rules = LogitRules(model.tokenizer, model.suppress_tokens, model.begin_suppress_tokens, options,
                            model.dims.n_vocab)
         prompts = build_prompts(model.tokenizer, options, languages, previous_tokens)
-        window = WindowBatch(mel, features, audio_kv, prompts, languages, rules, options, hints=hints)
+        window = WindowBatch(mel, features, audio_kv, prompts, languages, rules, options, generator=generator,
+                             hints=hints)
         if uses_beam_search(options):
             assistant = None  # speculative decoding serves greedy decoding and sampling, not beam search
+        if generator is not None:
+            assistant = None  # seeded samples must not depend on the drafts, whose number follows the clock
         if assistant is not None and not all(assistant.can_draft(language) for language in languages):
             warnings.warn(f"assistant {assistant.name} is English-only and the audio is in "
                           f"{', '.join(sorted(set(str(l) for l in languages)))}: decoding without an assistant",
@@ -156,7 +162,7 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
                prepend_punctuations: str = PREPEND_PUNCTUATIONS, append_punctuations: str = APPEND_PUNCTUATIONS,
                hallucination_silence_threshold: float | None = None,
                beam_size: int | None = None, patience: float | None = None, length_penalty: float | None = None,
-               best_of: int | None = None, progress=None, **decode_options) -> Transcription:
+               best_of: int | None = None, seed: int | None = 0, progress=None, **decode_options) -> Transcription:
     """Transcribe (or translate to English) a whole recording: a path or 16 kHz mono float samples.
 
     language: a code or name; None detects it on the first 30 s and keeps it for the file.
@@ -180,6 +186,10 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
       the best ranked kept; both rank by summed log-probability over the length, or over
       ((5 + length) / 6) ** length_penalty (openai-whisper's options; `specwhisper.beam_search`). Beam
       search runs without the assistant.
+    seed: sampling (above temperature 0: fallbacks, best-of) draws from a generator seeded with this, afresh
+      for each window and temperature, by the main model alone (not speculatively), so a transcript depends
+      only on the recording and the options: not on the files before it, the process or the assistant;
+      None: PyTorch's global generator (openai-whisper's way), and speculative sampling with an assistant.
     progress: a tqdm-like bar advanced by audio seconds, or None.
     decode_options: more `DecodingOptions` fields (max_new_tokens per window: 224 by default).
     """
@@ -191,7 +201,7 @@ def transcribe(model: SpeechModel, audio: str | os.PathLike | np.ndarray, langua
         word_timestamps=word_timestamps, prepend_punctuations=prepend_punctuations,
         append_punctuations=append_punctuations, hallucination_silence_threshold=hallucination_silence_threshold,
         beam_size=beam_size, patience=patience,
-        length_penalty=length_penalty, best_of=best_of, progress=progress, **decode_options))
+        length_penalty=length_penalty, best_of=best_of, seed=seed, progress=progress, **decode_options))
     if isinstance(result, Exception):
         raise result
     return result
@@ -207,7 +217,7 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
                     clip_timestamps: Iterable[float] | None = None, vad_filter: bool = False,
                     vad_options: VadOptions | None = None, word_timestamps: bool = False,
                     prepend_punctuations: str = PREPEND_PUNCTUATIONS, append_punctuations: str = APPEND_PUNCTUATIONS,
-                    hallucination_silence_threshold: float | None = None, progress=None,
+                    hallucination_silence_threshold: float | None = None, seed: int | None = 0, progress=None,
                     run_stats: DecodeStats | None = None, **decode_options) -> Iterator[Transcription | SpecWhisperError]:
     """Transcribe many recordings, decoding windows of up to `batch_size` of them together.
 
@@ -220,7 +230,8 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
     odd count: the last part runs to the end), as openai-whisper's; timestamps stay on the file's timeline.
     vad_filter: cut out what Silero VAD (`specwhisper.vad`, with `vad_options`) finds is not speech before
     the windows are cut, as faster-whisper's; timestamps are mapped back onto the file's timeline.
-    word_timestamps, prepend_punctuations, append_punctuations, hallucination_silence_threshold: as in `transcribe`.
+    word_timestamps, prepend_punctuations, append_punctuations, hallucination_silence_threshold, seed: as in
+    `transcribe` (with batch_size > 1, a sampled window's random numbers are shared by the batch it is in).
     """
     tokenizer = model.tokenizer
     language = check_language(tokenizer, language, task)
@@ -261,7 +272,7 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
     def decode(mels, previous, languages, temperature, stats, hints):
         return decode_window(model, mels, replace(base_options, temperature=temperature), assistant=assistant,
                              stats=stats, previous_tokens=previous, languages=languages, hints=hints,
-                             keep_audio_kv=word_timestamps)
+                             keep_audio_kv=word_timestamps, generator=sampling_generator(seed, temperature, model.device))
 
     heads = alignment_heads(model) if word_timestamps else None
 
@@ -272,6 +283,13 @@ def transcribe_many(model: SpeechModel, audios: Iterable[str | os.PathLike | np.
     for _, state in run_files(audios, open_file, decode, tokenizer, options, batch_size, progress, run_stats,
                               align if word_timestamps else None):
         yield state if isinstance(state, SpecWhisperError) else _finish(tokenizer, state)
+
+
+def sampling_generator(seed: int | None, temperature: float, device: torch.device) -> torch.Generator | None:
+    """A window's random numbers at this temperature: the same whichever file, process or machine decodes it."""
+    if seed is None or temperature == 0:
+        return None
+    return torch.Generator(device).manual_seed(seed * 1009 + round(temperature * 1000))  # one stream per temperature
 
 
 def clip_frames(clip_timestamps: Iterable[float] | None) -> list[tuple[int, int | None]] | None:

@@ -1,0 +1,101 @@
+"""Files per minute: one process against Ray's actor pool, on this machine.
+
+    python benchmarks/bench_cluster.py [--runs 2] [--model base] [--sets dev long]
+
+Runs whole commands, as a user would, each into a fresh output folder (so nothing is skipped as
+done): `specwhisper transcribe FILES --threads 2 -o DIR` (one process), `specwhisper
+transcribe-many FOLDER -o DIR --workers 2 --threads-per-worker 1` and `... --workers 1
+--threads-per-worker 2` (Ray started by the command, on this machine), on ../shared/audio/dev and
+../shared/audio/long; the settings take turns within each run. Prints the median wall time, files
+per minute and the real-time factor of each, then what the results table says about a Ray job:
+the model load per worker, the seconds the workers spent on files, and the rest (Ray's start, the
+actors' start, the queue's tail), from which the napkin math for a cluster in docs/cluster.md is
+made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import AUDIO, print_table, read_manifest
+
+SETTINGS = {
+    "1 process x 2 threads": lambda files, folder, out: ["transcribe", *files, "--threads", "2", "-o", out],
+    "Ray 2 workers x 1 thread": lambda files, folder, out: ["transcribe-many", folder, "-o", out, "--workers", "2",
+                                                            "--threads-per-worker", "1"],
+    "Ray 1 worker x 2 threads": lambda files, folder, out: ["transcribe-many", folder, "-o", out, "--workers", "1",
+                                                            "--threads-per-worker", "2"],
+}
+
+
+def run(command: list[str], model: str) -> tuple[float, list[dict]]:
+    """Wall seconds of one whole command, and its results table (empty for `transcribe`)."""
+    out = command[command.index("-o") + 1]
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "specwhisper", *command, "--model", model], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    table = Path(out) / "results.jsonl"
+    rows = [json.loads(line) for line in table.read_text().splitlines()] if table.is_file() else []
+    return wall, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--sets", nargs="+", default=["dev", "long"])
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs; model {args.model}, its default assistant; load average "
+          f"{os.getloadavg()[0]:.2f} at the start")
+    for name in args.sets:
+        manifest = read_manifest(name)
+        files = [row["path"] for row in manifest]
+        audio_seconds = sum(float(row["seconds"]) for row in manifest)
+        walls = {setting: [] for setting in SETTINGS}
+        tables = {setting: [] for setting in SETTINGS}
+        for _ in range(args.runs):
+            for setting, command in SETTINGS.items():
+                with tempfile.TemporaryDirectory() as out:
+                    wall, rows = run(command(files, str(AUDIO / name), out), args.model)
+                walls[setting].append(wall)
+                tables[setting].append(rows)
+        print(f"\n../shared/audio/{name}: {len(files)} files, {audio_seconds:.0f} s of audio; median of {args.runs} "
+              "runs (each a whole command: start, model load, transcription, outputs)")
+        rows = []
+        for setting in SETTINGS:
+            wall = statistics.median(walls[setting])
+            rows.append([setting, round(wall, 1), round(len(files) / wall * 60, 2), round(wall / audio_seconds, 3),
+                         round(walls["1 process x 2 threads"][0] / walls[setting][0], 2),
+                         " ".join(f"{w:.1f}" for w in walls[setting])])
+        print_table(["setting", "wall s", "files/min", "real-time factor", "vs 1 process (run 1)", "runs"], rows)
+        print("\nRay jobs, from the results table (median over runs): model load per worker, seconds on files per "
+              "worker, and the rest of the wall time")
+        rows = []
+        for setting in SETTINGS:
+            if not tables[setting][0]:
+                continue
+            loads, busy, rest = [], [], []
+            for wall, table in zip(walls[setting], tables[setting]):
+                workers = {row["worker"] for row in table}
+                per_worker = [sum(r["wall_seconds"] for r in table if r["worker"] == w) for w in workers]
+                loads.append(statistics.mean(r["worker_load_seconds"] for r in table))
+                busy.append(statistics.mean(per_worker))
+                rest.append(wall - max(per_worker) - loads[-1])
+            rows.append([setting, round(statistics.median(loads), 2), round(statistics.median(busy), 1),
+                         round(statistics.median(rest), 1),
+                         round(len(files) / statistics.median(busy) * 60 / len(workers), 2)])
+        print_table(["setting", "model load s", "on files s per worker", "rest s", "files/min per worker busy"], rows)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
