@@ -9,8 +9,9 @@ transcribe-many FOLDER -o DIR --workers 2 --threads-per-worker 1` and `... --wor
 ../shared/audio/long; the settings take turns within each run. Prints the median wall time, files
 per minute and the real-time factor of each, then what the results table says about a Ray job:
 the model load per worker, the seconds the workers spent on files, and the rest (Ray's start, the
-actors' start, the queue's tail), from which the napkin math for a cluster in docs/cluster.md is
-made.
+actors' start, the queue's tail); last, how many files per second Ray Data hands out when the work
+is nothing (2 no-op actors, one file in flight each, as transcribe-many runs them): the driver-side
+ceiling. docs/cluster.md makes the napkin math for a cluster from these.
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ def run(command: list[str], model: str) -> tuple[float, list[dict]]:
     table = Path(out) / "results.jsonl"
     rows = [json.loads(line) for line in table.read_text().splitlines()] if table.is_file() else []
     return wall, rows
+
+
+def scheduling_ceiling(files: int) -> float:
+    """Files per second through Ray Data's actor pool as transcribe-many sets it up, with a no-op actor."""
+    code = f"""
+import json, time, numpy as np, ray, ray.data
+ray.init(include_dashboard=False, logging_level="ERROR")
+ray.data.DataContext.get_current().enable_progress_bars = False
+class Nothing:
+    def __call__(self, batch):
+        return {{"row": np.array([json.dumps({{"file": str(p)}}) for p in batch["path"]], dtype=object)}}
+started = time.perf_counter()
+dataset = ray.data.from_items([{{"path": f"/x/{{i}}.wav"}} for i in range({files})], override_num_blocks={files})
+dataset = dataset.map_batches(Nothing, batch_size=1, num_cpus=1,
+                              compute=ray.data.ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1))
+rows = sum(len(batch["row"]) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+print(rows / (time.perf_counter() - started))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -94,7 +115,9 @@ def main() -> None:
                          round(statistics.median(rest), 1),
                          round(len(files) / statistics.median(busy) * 60 / len(workers), 2)])
         print_table(["setting", "model load s", "on files s per worker", "rest s", "files/min per worker busy"], rows)
-    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    rate = scheduling_ceiling(2000)
+    print(f"\nRay Data with 2 no-op actors: {rate:.0f} files per second (2000 files; Ray's start included)")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

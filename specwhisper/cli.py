@@ -67,6 +67,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
 def thread_count(text: str) -> int | None:
     """openai-whisper's --threads: a whole number, 0 for torch's default."""
     return None if text.strip() in ("0", "None") else positive_int(text)
@@ -142,6 +152,9 @@ def add_transcribe_many_command(commands) -> None:
                    "--threads-per-worker)")
     m.add_argument("--threads-per-worker", "--threads_per_worker", dest="threads_per_worker", type=positive_int,
                    default=1, metavar="T", help="CPUs each worker reserves and torch threads it runs (default: 1)")
+    m.add_argument("--gpus-per-worker", "--gpus_per_worker", dest="gpus_per_worker", type=non_negative_float, default=0.0,
+                   metavar="G", help="GPUs each worker reserves, with --device cuda; 0.5 puts two workers on a GPU "
+                   "(default: 0)")
     m.add_argument("--retry-failed", "--retry_failed", dest="retry_failed", action="store_true",
                    help="also try again the files the results table records as failed (default: skip them too)")
     add_decoding_flags(m)
@@ -700,8 +713,12 @@ def run_transcribe_many(args: argparse.Namespace) -> int:
         from .weights.resolve import resolve_model_folder
 
         resolve_model_folder(args.model)
-    summary = transcribe_files(args.sources, args.output_dir, settings, ray_address=args.ray_address,
-                               workers=args.workers, retry_failed=args.retry_failed)
+    try:
+        summary = transcribe_files(args.sources, args.output_dir, settings, ray_address=args.ray_address,
+                                   workers=args.workers, retry_failed=args.retry_failed)
+    except KeyboardInterrupt:
+        say("specwhisper: interrupted; the results table keeps every file done: the same command again goes on")
+        return 130
     say(f"specwhisper: {summary.line()}")
     return EXIT_BAD_INPUT if summary.failed or summary.skipped_failed else 0
 

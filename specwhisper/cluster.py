@@ -43,7 +43,8 @@ class WorkerSettings:
     draft_length: int | None = None
     device: str | None = None
     dtype: str | None = None
-    threads: int = 1  # torch threads per worker
+    threads: int = 1  # torch threads per worker (and the CPUs it reserves)
+    gpus: float = 0.0  # GPUs each worker reserves (a fraction shares one GPU between workers)
     suppress_tokens: tuple[int, ...] = (-1,)
     formats: tuple[str, ...] = ("txt", "vtt", "srt", "tsv", "json")
     subtitles: object | None = None  # specwhisper.outputs.SubtitleOptions
@@ -307,8 +308,11 @@ def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.
     output_dir.mkdir(parents=True, exist_ok=True)
     if todo:
         ray = start_ray(ray_address)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        summary.workers = min(workers or max(1, cpus // settings.threads), len(todo))
+        resources = ray.cluster_resources()
+        summary.workers = min(workers or default_workers(resources, settings), len(todo))
+        if settings.gpus * summary.workers > resources.get("GPU", 0):
+            raise JobError(f"{summary.workers} workers of {settings.gpus:g} GPU need {settings.gpus * summary.workers:g} "
+                           f"GPUs; the Ray cluster has {resources.get('GPU', 0):g}")
         rows = _run(ray, todo, str(output_dir), settings, summary.workers, progress)
         with open(table, "a", encoding="utf-8") as out:
             for row in rows:  # as each file finishes: a killed job keeps every row it wrote
@@ -323,6 +327,14 @@ def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.
     _compact(table)
     summary.wall_seconds = time.perf_counter() - started
     return summary
+
+
+def default_workers(resources: dict, settings: WorkerSettings) -> int:
+    """As many workers as the cluster's CPUs (and GPUs, when workers reserve them) hold."""
+    count = max(1, int(resources.get("CPU", 1) // settings.threads))
+    if settings.gpus > 0:
+        count = min(count, max(1, int(resources.get("GPU", 0) // settings.gpus)))
+    return count
 
 
 def _run(ray, files: list[AudioFile], output_dir: str, settings: WorkerSettings, workers: int, progress: bool):
@@ -343,7 +355,7 @@ def _run(ray, files: list[AudioFile], output_dir: str, settings: WorkerSettings,
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")  # no named parameter for retries yet
         dataset = dataset.map_batches(
             Transcriber, fn_constructor_kwargs={"settings": settings, "output_dir": output_dir},
-            batch_size=batch_size, num_cpus=settings.threads,
+            batch_size=batch_size, num_cpus=settings.threads, num_gpus=settings.gpus or None,
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             max_task_retries=1)  # Ray Data's default retries forever: a file that crashes its worker would loop
     returned = set()
@@ -380,7 +392,7 @@ def settings_from_args(args) -> WorkerSettings:
 
     return WorkerSettings(
         model=args.model, assistant=args.assistant, draft_length=args.draft_length, device=args.device,
-        dtype=args.dtype, threads=args.threads_per_worker, suppress_tokens=tuple(args.suppress_tokens),
+        dtype=args.dtype, threads=args.threads_per_worker, gpus=args.gpus_per_worker, suppress_tokens=tuple(args.suppress_tokens),
         formats=output_formats(args.output_format), subtitles=subtitle_options(args), model_dir=args.model_dir,
         options=transcription_options(args))
 

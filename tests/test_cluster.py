@@ -184,6 +184,12 @@ def test_results_table_tolerates_a_cut_line_and_changed_files(tmp_path):
     assert not is_done(row, file, tmp_path, ["txt"])
 
 
+def test_gpus_the_cluster_lacks_are_refused(local_ray, tmp_path):
+    with pytest.raises(JobError, match="2 workers of 1 GPU need 2 GPUs; the Ray cluster has 0"):
+        transcribe_files([small_clip_folder(tmp_path), AUDIO / "dev" / "jfk.flac"], tmp_path / "o",
+                         WorkerSettings(model="tiny.en", gpus=1), workers=2, progress=False)
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "import sys; from specwhisper.cli import main; sys.exit(main())",
                            *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
