@@ -300,6 +300,7 @@ def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.
     if not files:
         raise JobError("no audio files in " + ", ".join(str(s) for s in sources))
     table = output_dir / RESULTS_TABLE
+    _compact(table)  # drops a line a killed job cut short, so that the rows appended below stand on their own
     previous = read_results(table)
     todo = [f for f in files if not is_done(previous.get(f.path), f, output_dir, settings.formats, retry_failed)]
     pending = {f.path for f in todo}
@@ -375,9 +376,9 @@ def _run(ray, files: list[AudioFile], output_dir: str, settings: WorkerSettings,
 
 def _compact(table: Path) -> None:
     """Rewrite the table with one row per file (the last), atomically."""
-    rows = read_results(table)
-    if not rows:
+    if not table.is_file():
         return
+    rows = read_results(table)
     staging = table.with_suffix(".jsonl.partial")
     with open(staging, "w", encoding="utf-8") as out:
         for row in rows.values():

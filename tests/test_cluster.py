@@ -146,6 +146,16 @@ def test_killed_job_resumes_with_the_missing_files_only(local_ray, tmp_path):
     assert all(after[c]["status"] == "ok" for c in clips)
 
 
+def test_a_cut_line_does_not_swallow_the_next_row(local_ray, tmp_path):
+    folder = small_clip_folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RESULTS_TABLE).write_text('{"file": "/cut/short.wav", "sta')  # a killed job's last write
+    summary = transcribe_files([folder], out, WorkerSettings(model="tiny.en", formats=("txt",)), progress=False)
+    assert summary.succeeded == 1
+    assert [row["file"] for row in table_rows(out)] == [str(folder / "clip.flac")]  # every line whole
+
+
 def test_find_audio_reads_folders_manifests_and_files(tmp_path):
     (tmp_path / "a" / "deep").mkdir(parents=True)
     for name in ("a/x.wav", "a/deep/y.FLAC", "a/notes.txt", "a/deep/z.mp3"):
