@@ -145,8 +145,9 @@ def add_transcribe_many_command(commands) -> None:
                    choices=["txt", "srt", "vtt", "json", "tsv", "all"], metavar="FORMAT",
                    help="txt, srt, vtt, json, tsv or all (default: all)")
     m.add_argument("--ray-address", "--ray_address", dest="ray_address", default=None, metavar="ADDRESS",
-                   help="join this Ray cluster (host:port of its head, or 'auto'); default: start Ray on this "
-                   "machine, sized to its cores")
+                   help="join this Ray cluster (host:port of its head, or 'auto'); default: the cluster "
+                   "$RAY_ADDRESS names or `ray start` began on this machine, else a new Ray instance here, sized to "
+                   "its cores")
     m.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="Ray actors, each with its own copy of the model (default: the cluster's CPUs / "
                    "--threads-per-worker)")
