@@ -282,7 +282,7 @@ def start_ray(address: str | None):
 def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
                      settings: WorkerSettings | None = None, *, ray_address: str | None = None,
                      workers: int | None = None, retry_failed: bool = False, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> JobSummary:
+                     log: Callable[[str], None] | None = None, worker_class: type | None = None) -> JobSummary:
     """Transcribe every audio file in `sources` (folders, manifests, files) on Ray, as `specwhisper transcribe`
     would one by one; outputs and `results.jsonl` under `output_dir`.
 
@@ -290,7 +290,9 @@ def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.
     ray_address: a running cluster to join ('auto', or its head's host:port); None starts Ray here.
     workers: actors, each with `settings.threads` CPUs (default: the cluster's CPUs / settings.threads).
     retry_failed: also try again the files an earlier run recorded as failed.
-    log: where one-line messages go (failed files; default: stderr). Returns the run's JobSummary.
+    log: where one-line messages go (failed files; default: stderr).
+    worker_class: the actor, `Transcriber` or a subclass of it (to add to each row, say).
+    Returns the run's JobSummary.
     """
     settings = settings or WorkerSettings()
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -314,7 +316,7 @@ def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.
         if settings.gpus * summary.workers > resources.get("GPU", 0):
             raise JobError(f"{summary.workers} workers of {settings.gpus:g} GPU need {settings.gpus * summary.workers:g} "
                            f"GPUs; the Ray cluster has {resources.get('GPU', 0):g}")
-        rows = _run(ray, todo, str(output_dir), settings, summary.workers, progress)
+        rows = _run(ray, worker_class or Transcriber, todo, str(output_dir), settings, summary.workers, progress)
         with open(table, "a", encoding="utf-8") as out:
             for row in rows:  # as each file finishes: a killed job keeps every row it wrote
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -338,7 +340,8 @@ def default_workers(resources: dict, settings: WorkerSettings) -> int:
     return count
 
 
-def _run(ray, files: list[AudioFile], output_dir: str, settings: WorkerSettings, workers: int, progress: bool):
+def _run(ray, worker_class: type, files: list[AudioFile], output_dir: str, settings: WorkerSettings, workers: int,
+         progress: bool):
     """Yield the results rows of `files` as the workers finish them; a file whose worker died on it (a crash,
     out of memory) twice gets a failed row at the end."""
     import warnings
@@ -355,7 +358,7 @@ def _run(ray, files: list[AudioFile], output_dir: str, settings: WorkerSettings,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")  # no named parameter for retries yet
         dataset = dataset.map_batches(
-            Transcriber, fn_constructor_kwargs={"settings": settings, "output_dir": output_dir},
+            worker_class, fn_constructor_kwargs={"settings": settings, "output_dir": output_dir},
             batch_size=batch_size, num_cpus=settings.threads, num_gpus=settings.gpus or None,
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             max_task_retries=1)  # Ray Data's default retries forever: a file that crashes its worker would loop

@@ -19,8 +19,8 @@ import pytest
 from conftest import AUDIO, REPO, read_manifest
 
 from specwhisper import cli
-from specwhisper.cluster import (RESULTS_TABLE, AudioFile, JobError, WorkerSettings, find_audio, is_done,
-                                 plan_outputs, read_results, transcribe_files)
+from specwhisper.cluster import (RESULTS_TABLE, AudioFile, JobError, Transcriber, WorkerSettings, find_audio,
+                                 is_done, plan_outputs, read_results, transcribe_files)
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 
@@ -154,6 +154,33 @@ def test_a_cut_line_does_not_swallow_the_next_row(local_ray, tmp_path):
     summary = transcribe_files([folder], out, WorkerSettings(model="tiny.en", formats=("txt",)), progress=False)
     assert summary.succeeded == 1
     assert [row["file"] for row in table_rows(out)] == [str(folder / "clip.flac")]  # every line whole
+
+
+class CrashingTranscriber(Transcriber):
+    """Kills its own process on a file named crash*: what a segfault in a decoder or the OOM killer does."""
+
+    def transcribe(self, files):
+        if any(Path(f.path).name.startswith("crash") for f in files):
+            os._exit(1)
+        return super().transcribe(files)
+
+
+def test_a_file_that_kills_its_worker_fails_alone(local_ray, tmp_path):
+    """Tried once more on a restarted worker, then recorded as failed; the other files go on."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, clip in zip(("a.flac", "crash.flac", "b.flac"), dev_clips()):
+        (folder / name).symlink_to(clip)
+    out = tmp_path / "out"
+    failed = []
+    summary = transcribe_files([folder], out, WorkerSettings(model="tiny.en", formats=("txt",)), progress=False,
+                               log=failed.append, worker_class=CrashingTranscriber)
+    assert (summary.succeeded, summary.failed) == (2, 1)
+    rows = {Path(row["file"]).name: row for row in table_rows(out)}
+    assert rows["crash.flac"]["status"] == "failed" and "its worker died" in rows["crash.flac"]["error"]
+    assert rows["a.flac"]["status"] == rows["b.flac"]["status"] == "ok"
+    assert failed == [f"specwhisper: failed: {folder / 'crash.flac'}: {rows['crash.flac']['error']}"]
 
 
 def test_find_audio_reads_folders_manifests_and_files(tmp_path):
