@@ -210,7 +210,7 @@ class Transcriber:
         from .transcription import transcribe_many
 
         rows = []
-        started = time.perf_counter()
+        started = batch_started = time.perf_counter()
         try:
             with torch.no_grad():
                 results = transcribe_many(self.model, [f.path for f in files], assistant=self.assistant,
@@ -226,6 +226,10 @@ class Transcriber:
                 return rows + [row for file in files[len(rows):] for row in self.transcribe([file])]
             message = f"{type(err).__name__}: {err}".splitlines()[0]
             rows.append(self._failed(files[len(rows)], message, started))
+        if len(files) > 1:  # decoded together: each file gets an equal share of the batch's time
+            share = round((time.perf_counter() - batch_started) / len(files), 3)
+            for row in rows:
+                row.update(wall_seconds=share, batch_files=len(files))
         return rows
 
     def _row(self, file: AudioFile, started: float) -> dict:

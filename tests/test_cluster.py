@@ -111,6 +111,18 @@ def test_bad_files_fail_alone(local_ray, small_job, tmp_path):
     assert (summary.succeeded, summary.failed, summary.skipped) == (1, 2, 2)
     assert len(table_rows(out)) == 5  # still one row per file
 
+    # Files in batches of 2 (--batch_size 2): the same transcripts, the same failures.
+    batched = tmp_path / "batched"
+    transcribe_files([small_job], batched, WorkerSettings(model="tiny.en", formats=("txt",),
+                                                          options={"batch_size": 2}),
+                     progress=False, log=lambda line: None)
+    batch_rows = {Path(row["file"]).name: row for row in table_rows(batched)}
+    assert {name: row["status"] for name, row in batch_rows.items()} == {n: r["status"] for n, r in rows.items()}
+    assert sorted(row.get("batch_files", 1) for row in batch_rows.values()) == [1, 2, 2, 2, 2]  # 5 files: 2 + 2 + 1
+    for row in good:
+        name = f"{Path(row['file']).stem}.txt"
+        assert (batched / name).read_text() == (out / name).read_text()
+
 
 def test_killed_job_resumes_with_the_missing_files_only(local_ray, tmp_path):
     """A job in its own process (its own Ray instance), killed once two files are done; the same job again
