@@ -137,7 +137,8 @@ def add_transcribe_many_command(commands) -> None:
         "same command again skips the files already done. Needs the ray extra: pip install 'specwhisper[ray]'.")
     m.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="a folder (searched recursively for audio files), a manifest (a text file with one audio path "
-                   "per line; relative paths are relative to the manifest's folder) or an audio file")
+                   "per line; relative paths are relative to the manifest's folder) or an audio file; folders and "
+                   "files may be URIs (s3://bucket/prefix, gs://..., file:///...)")
     m.add_argument(*_flag("output_dir"), "-o", dest="output_dir", required=True, metavar="DIR",
                    help="folder for the outputs, mirroring the sources' folders, and results.jsonl; on a cluster, "
                    "a folder every machine sees at this path")

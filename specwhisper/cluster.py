@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -90,9 +92,14 @@ class JobSummary:
 
 def find_audio(sources: Iterable[str | os.PathLike]) -> list[str]:
     """Folders (searched recursively, sorted), manifests (one path per line; '#' starts a comment; relative
-    paths are relative to the manifest's folder) and audio files -> absolute paths, each once, in order."""
+    paths are relative to the manifest's folder) and audio files -> absolute paths, each once, in order.
+    A source or manifest entry with '://' (s3://bucket/prefix, gs://..., file:///...) is a URI, listed and
+    read through pyarrow's filesystems, as Ray Data's readers read them."""
     found: list[str] = []
     for source in sources:
+        if is_uri(str(source)):
+            found += _list_uri(str(source))
+            continue
         path = Path(source).expanduser()
         if path.is_dir():
             found += sorted(os.path.abspath(p) for p in path.rglob("*")
@@ -106,13 +113,46 @@ def find_audio(sources: Iterable[str | os.PathLike]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _uri_filesystem(uri: str):
+    """(pyarrow filesystem, path in it) for a URI; pyarrow comes with the ray extra."""
+    try:
+        from pyarrow import fs
+    except ImportError:
+        raise JobError(f"{uri}: URIs are read through pyarrow, which is not installed: "
+                       "pip install 'specwhisper[ray]'") from None
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError: an unknown scheme, a bad URI
+        raise JobError(f"{uri}: {str(err).splitlines()[0]}") from None
+
+
+def _list_uri(uri: str) -> list[str]:
+    from pyarrow import fs
+
+    filesystem, root = _uri_filesystem(uri)
+    scheme = uri.split("://", 1)[0]
+    info = filesystem.get_file_info(root)
+    if info.type == fs.FileType.Directory:
+        entries = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+        return sorted(f"{scheme}://{e.path}" for e in entries
+                      if e.type == fs.FileType.File and os.path.splitext(e.path)[1].lower() in AUDIO_SUFFIXES)
+    if info.type == fs.FileType.File or os.path.splitext(root)[1].lower() in AUDIO_SUFFIXES:
+        return [uri]  # a missing audio file fails alone
+    raise JobError(f"{uri}: no such folder or audio file")
+
+
 def _read_manifest(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise JobError(f"{path}: not a readable manifest (a text file with one audio path per line): {err}") from None
     entries = [line.split("#", 1)[0].strip() for line in lines]
-    return [os.path.abspath(path.parent / Path(entry).expanduser()) for entry in entries if entry]
+    return [entry if is_uri(entry) else os.path.abspath(path.parent / Path(entry).expanduser())
+            for entry in entries if entry]
 
 
 def plan_outputs(paths: list[str]) -> list[AudioFile]:
@@ -120,16 +160,22 @@ def plan_outputs(paths: list[str]) -> list[AudioFile]:
     outputs (a.wav and a.mp3 side by side) are refused before any work."""
     if not paths:
         return []
-    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    locations = [_location(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(location) for location in locations])
     files, owners = [], {}
-    for path in paths:
-        stem = os.path.splitext(os.path.relpath(path, root))[0]
+    for path, location in zip(paths, locations):
+        stem = os.path.splitext(os.path.relpath(location, root))[0]
         if stem in owners:
             raise JobError(f"{owners[stem]} and {path} would write the same output files ({stem}.*): rename one "
                            "or list them in two jobs")
         owners[stem] = path
         files.append(AudioFile(path, stem))
     return files
+
+
+def _location(path: str) -> str:
+    """Where a file sits, as an absolute path: a URI's path after its scheme (s3://bucket/a.wav -> /bucket/a.wav)."""
+    return "/" + path.split("://", 1)[1].lstrip("/") if is_uri(path) else path
 
 
 def read_results(table: str | os.PathLike) -> dict[str, dict]:
@@ -152,25 +198,43 @@ def is_done(row: dict | None, file: AudioFile, output_dir: str | os.PathLike, fo
             retry_failed: bool = False) -> bool:
     """Whether a results row still stands for the file: the same size and modification time, and for a success
     every output asked for on disk (a failure counts as done unless retry_failed)."""
-    if row is None or row.get("size") != _file_size(file.path) or row.get("mtime_ns") != _file_mtime(file.path):
+    if row is None or (row.get("size"), row.get("mtime_ns")) != _stat(file.path):
         return False
     if row.get("status") != "ok":
         return not retry_failed
     return all((Path(output_dir) / f"{file.output_stem}.{name}").is_file() for name in formats)
 
 
-def _file_size(path: str) -> int | None:
+def _stat(path: str) -> tuple[int | None, int | None]:
+    """(size, modification time in ns) of a path or URI; None for what cannot be read (or is not kept)."""
+    if is_uri(path):
+        try:
+            from pyarrow import fs
+
+            filesystem, inner = _uri_filesystem(path)
+            info = filesystem.get_file_info(inner)
+        except (JobError, OSError):
+            return None, None
+        return (info.size, info.mtime_ns) if info.type == fs.FileType.File else (None, None)
     try:
-        return os.stat(path).st_size
+        stat = os.stat(path)
     except OSError:
-        return None
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
 
 
-def _file_mtime(path: str) -> int | None:
+def _local_copy(path: str, scratch: str, index: int) -> str:
+    """A local path to decode: the path itself, or for a URI a copy of its bytes in `scratch`."""
+    if not is_uri(path):
+        return path
     try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
+        filesystem, inner = _uri_filesystem(path)
+    except JobError as err:
+        raise OSError(str(err)) from None
+    local = os.path.join(scratch, f"{index}{os.path.splitext(inner)[1]}")
+    with filesystem.open_input_stream(inner) as source, open(local, "wb") as target:
+        shutil.copyfileobj(source, target)
+    return local
 
 
 class Transcriber:
@@ -204,6 +268,20 @@ class Transcriber:
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row in rows], dtype=object)}
 
     def transcribe(self, files: list[AudioFile]) -> list[dict]:
+        """Rows for `files`, in order; a URI's bytes are copied to a scratch file first."""
+        with tempfile.TemporaryDirectory(prefix="specwhisper-") as scratch:
+            rows, readable = {}, []
+            for index, file in enumerate(files):
+                try:
+                    readable.append((file, _local_copy(file.path, scratch, index)))
+                except OSError as err:
+                    rows[file.path] = self._failed(file, f"cannot read {file.path}: {err}", time.perf_counter())
+            for row in self._decode(readable):
+                rows[row["file"]] = row
+        return [rows[file.path] for file in files]
+
+    def _decode(self, pairs: list[tuple[AudioFile, str]]) -> list[dict]:
+        """(file, the path to read it at) -> a row per file: transcribed together, each bad file alone."""
         import torch
 
         from .errors import SpecWhisperError
@@ -213,30 +291,30 @@ class Transcriber:
         started = batch_started = time.perf_counter()
         try:
             with torch.no_grad():
-                results = transcribe_many(self.model, [f.path for f in files], assistant=self.assistant,
+                results = transcribe_many(self.model, [local for _, local in pairs], assistant=self.assistant,
                                           **self.settings.options)
-                for file, result in zip(files, results):
-                    if isinstance(result, SpecWhisperError):
-                        rows.append(self._failed(file, str(result), started))
+                for (file, local), result in zip(pairs, results):
+                    if isinstance(result, SpecWhisperError):  # its message names the scratch copy of a URI
+                        rows.append(self._failed(file, str(result).replace(local, file.path), started))
                     else:
                         rows.append(self._succeeded(file, result, started))
                     started = time.perf_counter()
         except Exception as err:  # noqa: BLE001 - one file's surprise must not end the job
-            if len(files) - len(rows) > 1:  # a batch: find the file at fault alone
-                return rows + [row for file in files[len(rows):] for row in self.transcribe([file])]
+            if len(pairs) - len(rows) > 1:  # a batch: find the file at fault alone
+                return rows + [row for pair in pairs[len(rows):] for row in self._decode([pair])]
             message = f"{type(err).__name__}: {err}".splitlines()[0]
-            rows.append(self._failed(files[len(rows)], message, started))
-        if len(files) > 1:  # decoded together: each file gets an equal share of the batch's time
-            share = round((time.perf_counter() - batch_started) / len(files), 3)
+            rows.append(self._failed(pairs[len(rows)][0], message, started))
+        if len(pairs) > 1:  # decoded together: each file gets an equal share of the batch's time
+            share = round((time.perf_counter() - batch_started) / len(pairs), 3)
             for row in rows:
-                row.update(wall_seconds=share, batch_files=len(files))
+                row.update(wall_seconds=share, batch_files=len(pairs))
         return rows
 
     def _row(self, file: AudioFile, started: float) -> dict:
         return {"file": file.path, "output_stem": file.output_stem, "worker": self.worker,
                 "wall_seconds": round(time.perf_counter() - started, 3),
                 "worker_load_seconds": round(self.load_seconds, 3),
-                "size": _file_size(file.path), "mtime_ns": _file_mtime(file.path),
+                **dict(zip(("size", "mtime_ns"), _stat(file.path))),
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def _failed(self, file: AudioFile, error: str, started: float) -> dict:
@@ -375,7 +453,7 @@ def _run(ray, worker_class: type, files: list[AudioFile], output_dir: str, setti
     for file in files:
         if file.path not in returned:
             yield {"file": file.path, "output_stem": file.output_stem, "worker": None, "wall_seconds": None,
-                   "size": _file_size(file.path), "mtime_ns": _file_mtime(file.path),
+                   **dict(zip(("size", "mtime_ns"), _stat(file.path))),
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "failed",
                    "error": "its worker died transcribing it, twice (a crash, or out of memory: see Ray's log)",
                    "audio_seconds": None, "language": None, "outputs": []}

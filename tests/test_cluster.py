@@ -195,6 +195,35 @@ def test_a_file_that_kills_its_worker_fails_alone(local_ray, tmp_path):
     assert failed == [f"specwhisper: failed: {folder / 'crash.flac'}: {rows['crash.flac']['error']}"]
 
 
+def test_uris_are_read_through_pyarrow(local_ray, tmp_path):
+    """file:// URIs take the path s3:// and gs:// take: listed and read by pyarrow's filesystems, copied to a
+    scratch file, transcribed as the local files are; a bad one fails alone, with the URI in its error."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for clip in dev_clips()[:2]:
+        (folder / Path(clip).name).write_bytes(Path(clip).read_bytes())
+    (folder / "corrupt.mp3").write_bytes(Path(dev_clips()[0]).read_bytes()[5000:9000])
+    manifest = tmp_path / "more.txt"
+    manifest.write_text(f"file://{tmp_path}/gone.wav\n")
+    settings = WorkerSettings(model="tiny.en", formats=("txt",))
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    transcribe_files([folder], local, settings, progress=False, log=lambda line: None)
+    summary = transcribe_files([f"file://{folder}", manifest], remote, settings, progress=False, log=lambda line: None)
+    assert (summary.succeeded, summary.failed) == (2, 2)
+    rows = {row["file"]: row for row in table_rows(remote)}
+    assert sorted(rows) == sorted([f"file://{folder}/{Path(c).name}" for c in dev_clips()[:2]]
+                                  + [f"file://{folder}/corrupt.mp3", f"file://{tmp_path}/gone.wav"])
+    corrupt, gone = rows[f"file://{folder}/corrupt.mp3"], rows[f"file://{tmp_path}/gone.wav"]
+    assert corrupt["status"] == "failed" and f"cannot load audio 'file://{folder}/corrupt.mp3'" in corrupt["error"]
+    assert gone["status"] == "failed" and gone["error"].startswith(f"cannot read file://{tmp_path}/gone.wav: ")
+    for clip in dev_clips()[:2]:
+        name = f"{Path(clip).stem}.txt"
+        assert (remote / "in" / name).read_text() == (local / name).read_text()
+    assert transcribe_files([f"file://{folder}", manifest], remote, settings, progress=False).skipped == 4
+    with pytest.raises(JobError, match="no such folder or audio file"):
+        find_audio([f"file://{tmp_path}/nowhere"])
+
+
 def test_find_audio_reads_folders_manifests_and_files(tmp_path):
     (tmp_path / "a" / "deep").mkdir(parents=True)
     for name in ("a/x.wav", "a/deep/y.FLAC", "a/notes.txt", "a/deep/z.mp3"):
