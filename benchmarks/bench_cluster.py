@@ -1,6 +1,7 @@
 """Files per minute: one process against Ray's actor pool, on this machine.
 
     python benchmarks/bench_cluster.py [--runs 2] [--model base] [--sets dev long]
+    python benchmarks/bench_cluster.py --sets          # only Ray's own costs
 
 Runs whole commands, as a user would, each into a fresh output folder (so nothing is skipped as
 done): `specwhisper transcribe FILES --threads 2 -o DIR` (one process), `specwhisper
@@ -11,7 +12,8 @@ per minute and the real-time factor of each, then what the results table says ab
 the model load per worker, the seconds the workers spent on files, and the rest (Ray's start, the
 actors' start, the queue's tail); last, how many files per second Ray Data hands out when the work
 is nothing (2 no-op actors, one file in flight each, as transcribe-many runs them): the driver-side
-ceiling. docs/cluster.md makes the napkin math for a cluster from these.
+ceiling; and the fixed costs of Ray itself (import, start, a first pair of actors, shutdown).
+docs/cluster.md makes the napkin math for a cluster from these.
 """
 
 from __future__ import annotations
@@ -69,11 +71,38 @@ print(rows / (time.perf_counter() - started))
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def ray_fixed_costs() -> str:
+    """Seconds of `import ray`, `ray.init()`, a first pair of no-op actors' results, and `ray.shutdown()`."""
+    code = """
+import json, time, numpy as np
+started = time.perf_counter()
+import ray, ray.data
+imported = time.perf_counter()
+ray.init(include_dashboard=False, logging_level="ERROR")
+initialized = time.perf_counter()
+ray.data.DataContext.get_current().enable_progress_bars = False
+class Nothing:
+    def __call__(self, batch):
+        return batch
+dataset = ray.data.from_items([{"path": str(i)} for i in range(4)], override_num_blocks=4)
+dataset = dataset.map_batches(Nothing, batch_size=1, num_cpus=1,
+                              compute=ray.data.ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1))
+sum(len(batch["path"]) for batch in dataset.iter_batches(batch_size=None))
+first = time.perf_counter()
+ray.shutdown()
+ended = time.perf_counter()
+print(f"import ray {imported - started:.1f} s, ray.init() {initialized - imported:.1f} s, "
+      f"a first pair of actors' results {first - initialized:.1f} s, ray.shutdown() {ended - first:.1f} s")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--model", default="base")
-    parser.add_argument("--sets", nargs="+", default=["dev", "long"])
+    parser.add_argument("--sets", nargs="*", default=["dev", "long"])
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs; model {args.model}, its default assistant; load average "
           f"{os.getloadavg()[0]:.2f} at the start")
@@ -117,6 +146,7 @@ def main() -> None:
         print_table(["setting", "model load s", "on files s per worker", "rest s", "files/min per worker busy"], rows)
     rate = scheduling_ceiling(2000)
     print(f"\nRay Data with 2 no-op actors: {rate:.0f} files per second (2000 files; Ray's start included)")
+    print(f"Ray's own costs: {ray_fixed_costs()}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
