@@ -706,15 +706,17 @@ def run_transcribe_many(args: argparse.Namespace) -> int:
     from .cluster import find_audio, plan_outputs, settings_from_args, transcribe_files
 
     plan_outputs(find_audio(args.sources))  # no files, or clashing outputs: one line, before Ray starts
-    prepare_torch(args.device, args.dtype, None)
+    # The device is checked here only for a Ray instance of this machine: a cluster's workers may have GPUs
+    # its driver lacks.
+    prepare_torch(args.device if args.ray_address is None else None, args.dtype, None)
     settings = settings_from_args(args)
-    if settings.assistant and settings.assistant.lower() not in ASSISTANT_KEYWORDS:
-        load_model_and_assistant(settings.model, settings.assistant, settings.draft_length, args.beam_size,
-                                 args.suppress_tokens, args.language, args.task, args.device, args.dtype)
-    else:  # the weights on this machine (converted once), or a one-line error, before any worker loads them
-        from .weights.resolve import resolve_model_folder
+    # The model (converted once on this machine), its vocabulary's languages, the suppressed tokens and the
+    # assistant, checked here on the CPU: a worker that cannot start is a stack trace per worker in Ray's log.
+    import torch
 
-        resolve_model_folder(args.model)
+    with torch.no_grad():
+        load_model_and_assistant(settings.model, settings.assistant, settings.draft_length, args.beam_size,
+                                 args.suppress_tokens, args.language, args.task, "cpu", None)
     try:
         summary = transcribe_files(args.sources, args.output_dir, settings, ray_address=args.ray_address,
                                    workers=args.workers, retry_failed=args.retry_failed)

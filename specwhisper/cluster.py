@@ -445,11 +445,17 @@ def _run(ray, worker_class: type, files: list[AudioFile], output_dir: str, setti
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             max_task_retries=1)  # Ray Data's default retries forever: a file that crashes its worker would loop
     returned = set()
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for text in batch["row"]:
-            row = json.loads(text)
-            returned.add(row["file"])
-            yield row
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for text in batch["row"]:
+                row = json.loads(text)
+                returned.add(row["file"])
+                yield row
+    except ray.exceptions.RayError as err:  # the workers could not start (their traces are in Ray's log)
+        message = str(err).strip().splitlines()
+        reason = message[-1].strip().strip("'") if message else repr(err)
+        raise JobError(f"the Ray job failed after {len(returned)} files: {reason}; "
+                       "the results table keeps them: the same command again goes on") from None
     for file in files:
         if file.path not in returned:
             yield {"file": file.path, "output_stem": file.output_stem, "worker": None, "wall_seconds": None,

@@ -224,6 +224,21 @@ def test_uris_are_read_through_pyarrow(local_ray, tmp_path):
         find_audio([f"file://{tmp_path}/nowhere"])
 
 
+class BrokenTranscriber(Transcriber):
+    """A worker that cannot start (no memory for its model, say)."""
+
+    def __init__(self, settings, output_dir):
+        raise RuntimeError("no memory left for the model")
+
+
+def test_workers_that_cannot_start_end_the_job_in_one_line(local_ray, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with pytest.raises(JobError, match="the Ray job failed after 0 files: RuntimeError: no memory left for the "
+                                       "model; the results table keeps them"):
+        transcribe_files([small_clip_folder(tmp_path)], tmp_path / "out", WorkerSettings(model="tiny.en"),
+                         progress=False, worker_class=BrokenTranscriber)
+
+
 def test_find_audio_reads_folders_manifests_and_files(tmp_path):
     (tmp_path / "a" / "deep").mkdir(parents=True)
     for name in ("a/x.wav", "a/deep/y.FLAC", "a/notes.txt", "a/deep/z.mp3"):
@@ -281,6 +296,8 @@ def test_errors_come_before_ray_starts(tmp_path):
         (["transcribe-many", str(AUDIO / "dev"), "-o", str(tmp_path / "o"), "--model", "no-such-model"],
          "not a folder, a known model name"),
         (["transcribe-many", str(AUDIO / "dev"), "-o", str(tmp_path / "o"), "--device", "tpu"], "tpu"),
+        (["transcribe-many", str(AUDIO / "dev"), "-o", str(tmp_path / "o"), "--language", "yue"],
+         "language 'yue' is not in this vocabulary"),  # base's; only its tokenizer can tell
     ]
     for args, message in cases:
         done = run_cli(*args)
