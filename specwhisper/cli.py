@@ -421,9 +421,14 @@ def check_transcribe_arguments(args: argparse.Namespace) -> None:
         args.dtype = "float32"
     if getattr(args, "verbose", None):
         args.timestamps = True
-    if args.model_dir is not None:  # before any name is resolved: conversions and downloads go there
-        os.environ["SPECWHISPER_CACHE"] = os.path.join(args.model_dir, "specwhisper")
-        os.environ["HF_HUB_CACHE"] = os.path.join(args.model_dir, "huggingface")
+    if args.model_dir is not None:  # before any name is resolved
+        use_model_dir(args.model_dir)
+
+
+def use_model_dir(model_dir: str) -> None:
+    """--model_dir: where converted models and hub downloads are kept."""
+    os.environ["SPECWHISPER_CACHE"] = os.path.join(model_dir, "specwhisper")
+    os.environ["HF_HUB_CACHE"] = os.path.join(model_dir, "huggingface")
 
 
 def check_search_arguments(args: argparse.Namespace) -> None:
@@ -703,23 +708,11 @@ def run_distill(args: argparse.Namespace, argv: list[str]) -> int:
 def run_transcribe_many(args: argparse.Namespace) -> int:
     """The flags checked as `transcribe` checks them, before Ray starts; then the job, then its summary line."""
     check_transcribe_arguments(args)
-    from .cluster import find_audio, plan_outputs, settings_from_args, transcribe_files
+    from .cluster import settings_from_args, transcribe_files
 
-    plan_outputs(find_audio(args.sources))  # no files, or clashing outputs: one line, before Ray starts
-    # The device is checked here only for a Ray instance of this machine: a cluster's workers may have GPUs
-    # its driver lacks.
-    prepare_torch(args.device if args.ray_address is None else None, args.dtype, None)
-    settings = settings_from_args(args)
-    # The model (converted once on this machine), its vocabulary's languages, the suppressed tokens and the
-    # assistant, checked here on the CPU: a worker that cannot start is a stack trace per worker in Ray's log.
-    import torch
-
-    with torch.no_grad():
-        load_model_and_assistant(settings.model, settings.assistant, settings.draft_length, args.beam_size,
-                                 args.suppress_tokens, args.language, args.task, "cpu", None)
-    try:
-        summary = transcribe_files(args.sources, args.output_dir, settings, ray_address=args.ray_address,
-                                   workers=args.workers, retry_failed=args.retry_failed)
+    try:  # lists the files, then checks the model and its assistant, before Ray starts (all one-line errors)
+        summary = transcribe_files(args.sources, args.output_dir, settings_from_args(args),
+                                   ray_address=args.ray_address, workers=args.workers, retry_failed=args.retry_failed)
     except KeyboardInterrupt:
         say("specwhisper: interrupted; the results table keeps every file done: the same command again goes on")
         return 130

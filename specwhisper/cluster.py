@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .outputs import FORMATS
+
 RESULTS_TABLE = "results.jsonl"
 # What the recursive folder search takes as audio (anything else in a folder is left alone).
 AUDIO_SUFFIXES = frozenset(".wav .flac .mp3 .m4a .aac .ogg .oga .opus .webm .mp4 .mkv .mov .wma .aiff .aif .amr "
@@ -33,7 +35,7 @@ AUDIO_SUFFIXES = frozenset(".wav .flac .mp3 .m4a .aac .ogg .oga .opus .webm .mp4
 
 
 class JobError(ValueError):
-    """A problem with the job as asked (no files, clashing outputs, Ray missing): one line, before any work."""
+    """A job that cannot start (no files, clashing outputs, Ray missing) or whose workers cannot: one line."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class WorkerSettings:
     threads: int = 1  # torch threads per worker (and the CPUs it reserves)
     gpus: float = 0.0  # GPUs each worker reserves (a fraction shares one GPU between workers)
     suppress_tokens: tuple[int, ...] = (-1,)
-    formats: tuple[str, ...] = ("txt", "vtt", "srt", "tsv", "json")
+    formats: tuple[str, ...] = FORMATS
     subtitles: object | None = None  # specwhisper.outputs.SubtitleOptions
     model_dir: str | None = None
     options: dict = field(default_factory=dict)  # `transcribe_many`'s keyword arguments
@@ -56,7 +58,7 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class AudioFile:
-    path: str  # absolute
+    path: str  # an absolute path, or a URI
     output_stem: str  # relative to the output folder, without a suffix: outputs are <stem>.<format>
 
 
@@ -78,16 +80,16 @@ class JobSummary:
         return self.wall_seconds / self.audio_seconds if self.audio_seconds else 0.0
 
     def line(self) -> str:
+        failed_before = f" ({self.skipped_failed} of them failed)" if self.skipped_failed else ""
         if self.succeeded + self.failed == 0:
-            failed = f" ({self.skipped_failed} of them failed)" if self.skipped_failed else ""
-            return f"nothing to do: all {self.files} files were done before{failed}; results in {self.results_table}"
+            return (f"nothing to do: all {self.files} files were done before{failed_before}; results in "
+                    f"{self.results_table}")
         hours = self.audio_seconds / 3600
         speed = (f"real-time factor {self.real_time_factor:.3f} ({1 / self.real_time_factor:.1f}x real time)"
                  if self.audio_seconds else "no audio transcribed")
         return (f"{self.succeeded + self.failed} files ({hours:.2f} h of audio) in {self.wall_seconds:.1f} s on "
                 f"{self.workers} workers: {speed}; {self.failed} failed; {self.skipped} of {self.files} skipped as "
-                f"done before" + (f" ({self.skipped_failed} of them failed)" if self.skipped_failed else "")
-                + f"; results in {self.results_table}")
+                f"done before{failed_before}; results in {self.results_table}")
 
 
 def find_audio(sources: Iterable[str | os.PathLike]) -> list[str]:
@@ -223,6 +225,44 @@ def _stat(path: str) -> tuple[int | None, int | None]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def file_row(file: AudioFile) -> dict:
+    """The part of a results row that names the file: what resuming compares."""
+    size, mtime_ns = _stat(file.path)
+    return {"file": file.path, "output_stem": file.output_stem, "size": size, "mtime_ns": mtime_ns,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def failed_row(file: AudioFile, error: str) -> dict:
+    return {**file_row(file), "status": "failed", "error": error, "audio_seconds": None, "language": None,
+            "outputs": []}
+
+
+def load_for_settings(settings: WorkerSettings, device: str | None, dtype: str | None):
+    """The main model and its drafter, as `specwhisper transcribe` loads them (specwhisper.cli)."""
+    from .cli import load_model_and_assistant, use_model_dir
+
+    if settings.model_dir is not None:
+        use_model_dir(settings.model_dir)
+    options = settings.options
+    return load_model_and_assistant(settings.model, settings.assistant, settings.draft_length,
+                                    options.get("beam_size"), list(settings.suppress_tokens), options.get("language"),
+                                    options.get("task", "transcribe"), device, dtype)
+
+
+def check_settings(settings: WorkerSettings, local: bool) -> None:
+    """Load the model and its assistant once here, on the CPU, before any worker does: a language the vocabulary
+    lacks, a bad suppressed token or an incompatible assistant is then one line, not a stack trace per worker.
+    The device is checked only for Ray on this machine: a cluster's workers may have GPUs this one lacks."""
+    import torch
+
+    from .checks import check_device_available
+
+    if local:
+        check_device_available(settings.device)
+    with torch.no_grad():
+        load_for_settings(settings, "cpu", None)
+
+
 def _local_copy(path: str, scratch: str, index: int) -> str:
     """A local path to decode: the path itself, or for a URI a copy of its bytes in `scratch`."""
     if not is_uri(path):
@@ -243,19 +283,10 @@ class Transcriber:
 
     def __init__(self, settings: WorkerSettings, output_dir: str):
         started = time.perf_counter()
-        if settings.model_dir is not None:
-            os.environ["SPECWHISPER_CACHE"] = os.path.join(settings.model_dir, "specwhisper")
-            os.environ["HF_HUB_CACHE"] = os.path.join(settings.model_dir, "huggingface")
         import torch
 
-        from .cli import load_model_and_assistant
-
         torch.set_num_threads(settings.threads)
-        options = settings.options
-        self.model, self.assistant = load_model_and_assistant(
-            settings.model, settings.assistant, settings.draft_length, options.get("beam_size"),
-            list(settings.suppress_tokens), options.get("language"), options.get("task", "transcribe"),
-            settings.device, settings.dtype)
+        self.model, self.assistant = load_for_settings(settings, settings.device, settings.dtype)
         self.settings, self.output_dir = settings, output_dir
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.load_seconds = time.perf_counter() - started
@@ -310,16 +341,12 @@ class Transcriber:
                 row.update(wall_seconds=share, batch_files=len(pairs))
         return rows
 
-    def _row(self, file: AudioFile, started: float) -> dict:
-        return {"file": file.path, "output_stem": file.output_stem, "worker": self.worker,
-                "wall_seconds": round(time.perf_counter() - started, 3),
-                "worker_load_seconds": round(self.load_seconds, 3),
-                **dict(zip(("size", "mtime_ns"), _stat(file.path))),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    def _worker_fields(self, started: float) -> dict:
+        return {"worker": self.worker, "wall_seconds": round(time.perf_counter() - started, 3),
+                "worker_load_seconds": round(self.load_seconds, 3)}
 
     def _failed(self, file: AudioFile, error: str, started: float) -> dict:
-        return {**self._row(file, started), "status": "failed", "error": error, "audio_seconds": None,
-                "language": None, "outputs": []}
+        return {**failed_row(file, error), **self._worker_fields(started)}
 
     def _succeeded(self, file: AudioFile, result, started: float) -> dict:
         from .outputs import write_outputs
@@ -327,7 +354,7 @@ class Transcriber:
         folder = Path(self.output_dir) / os.path.dirname(file.output_stem)  # the file's name gives the rest
         written = write_outputs(result, file.path, folder, self.settings.formats, self.settings.subtitles)
         s = result.stats
-        return {**self._row(file, started), "status": "ok", "error": None,
+        return {**file_row(file), **self._worker_fields(started), "status": "ok", "error": None,
                 "audio_seconds": round(result.audio_seconds, 3), "language": result.language,
                 "outputs": [os.path.relpath(p, self.output_dir) for p in written], "text": result.text,
                 "windows": result.windows, "fallbacks": result.fallbacks, "tokens": s.generated_tokens,
@@ -390,8 +417,9 @@ def transcribe_files(sources: Iterable[str | os.PathLike], output_dir: str | os.
     pending = {f.path for f in todo}
     summary = JobSummary(files=len(files), skipped=len(files) - len(todo), results_table=str(table),
                          skipped_failed=sum(previous[f.path]["status"] != "ok" for f in files if f.path not in pending))
-    output_dir.mkdir(parents=True, exist_ok=True)
     if todo:
+        check_settings(settings, local=ray_address is None)
+        output_dir.mkdir(parents=True, exist_ok=True)
         ray = start_ray(ray_address)
         resources = ray.cluster_resources()
         summary.workers = min(workers or default_workers(resources, settings), len(todo))
@@ -458,11 +486,8 @@ def _run(ray, worker_class: type, files: list[AudioFile], output_dir: str, setti
                        "the results table keeps them: the same command again goes on") from None
     for file in files:
         if file.path not in returned:
-            yield {"file": file.path, "output_stem": file.output_stem, "worker": None, "wall_seconds": None,
-                   **dict(zip(("size", "mtime_ns"), _stat(file.path))),
-                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "failed",
-                   "error": "its worker died transcribing it, twice (a crash, or out of memory: see Ray's log)",
-                   "audio_seconds": None, "language": None, "outputs": []}
+            yield {**failed_row(file, "its worker died transcribing it, twice (a crash, or out of memory: see "
+                                      "Ray's log)"), "worker": None, "wall_seconds": None}
 
 
 def _compact(table: Path) -> None:
