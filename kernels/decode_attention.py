@@ -37,6 +37,8 @@ dimension >= 16; with T = 1 most of the Q tile is padding, which costs tensor-co
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -69,7 +71,7 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     Returns (B, H, T, D) in q's dtype.
 
     Memory traffic, with L = max(q_start) + T keys and fp16 inputs (2 bytes):
-      K, V slices, upcast to fp32       read 2*B*H*L*D*2, write 2*B*H*L*D*4
+      K, V slices, upcast to fp32       read 2*B*H*L*D*2, write 2*B*H*L*D*4 (+ V's zeroed stale rows)
       scores = q @ k^T                  read K again (fp32), write B*H*T*L*4
       masked_fill, softmax              read + write B*H*T*L*4 twice
       p @ v                             read B*H*T*L*4 and V again (fp32)
@@ -79,12 +81,14 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     """
     n_new = q.shape[2]
     n_keys = int(q_start.max()) + n_new
-    k = k_cache[:, :, :n_keys].float()  # (B, H, L, D)
-    v = v_cache[:, :, :n_keys].float()  # (B, H, L, D)
-    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, L)
     query_pos = q_start[:, None] + torch.arange(n_new, device=q.device)  # (B, T)
     key_pos = torch.arange(n_keys, device=q.device)  # (L,)
     visible = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, L)
+    k = k_cache[:, :, :n_keys].float()  # (B, H, L, D)
+    # A weight of 0 times a stale inf is NaN: zero the rows no query of the row may see.
+    seen_by_row = key_pos[None, :] < (q_start + n_new)[:, None]  # (B, L)
+    v = torch.where(seen_by_row[:, None, :, None], v_cache[:, :, :n_keys].float(), 0.0)  # (B, H, L, D)
+    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, L)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))  # (B, H, T, L)
     return (scores.softmax(dim=-1) @ v).to(q.dtype)  # (B, H, T, D)
 
@@ -211,9 +215,15 @@ def _combine_splits(
 # ----------------------------------------------------------------------------
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _FALLBACK_SM_COUNT
+    if device.type != "cuda":
+        return _FALLBACK_SM_COUNT
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    """SMs of GPU `index`, read once: GPUs of one machine may differ, and every decode step asks."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_splits_for(n_programs: int, key_bound: int, device: torch.device) -> int:
@@ -228,6 +238,11 @@ def num_splits_for(n_programs: int, key_bound: int, device: torch.device) -> int
         return 1
     max_splits = max(1, key_bound // MIN_KEYS_PER_SPLIT)
     return max(1, min(triton.cdiv(target_programs, n_programs), max_splits))
+
+
+def on_device_of(q: Tensor) -> contextlib.AbstractContextManager:
+    """Make q's GPU the current one for a launch: Triton launches on the current device, not q's."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
 def check_inputs(q: Tensor, *kv: Tensor) -> None:
@@ -280,21 +295,22 @@ def launch_kv_split_attention(q: Tensor, k: Tensor, v: Tensor, q_start: Tensor |
     qk_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # scores in log2 units for exp2
 
     grid = (batch * n_heads, triton.cdiv(n_new, BLOCK_T), num_splits)
-    _attend_kv_split[grid](
-        q, k, v, q_start if causal else q, out, part_out, part_lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_heads, n_new, n_keys_total, keys_per_split, qk_scale,
-        CAUSAL=causal, SPLIT=split,
-        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
-    if split:
-        _combine_splits[(batch * n_heads, n_new)](
-            part_out, part_lse, out, *out.stride(),
-            n_heads, n_new, num_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            num_warps=1,
+    with on_device_of(q):
+        _attend_kv_split[grid](
+            q, k, v, q_start if causal else q, out, part_out, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            n_heads, n_new, n_keys_total, keys_per_split, qk_scale,
+            CAUSAL=causal, SPLIT=split,
+            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
+        if split:
+            _combine_splits[(batch * n_heads, n_new)](
+                part_out, part_lse, out, *out.stride(),
+                n_heads, n_new, num_splits,
+                BLOCK_SPLITS=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+                num_warps=1,
+            )
     return out
 
 

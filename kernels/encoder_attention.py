@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_attention import check_inputs
+from .decode_attention import check_inputs, on_device_of
 
 
 def block_config(device: torch.device) -> dict[str, int]:
@@ -133,11 +133,12 @@ def encoder_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     cfg = block_config(q.device)
     qk_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # scores in log2 units for exp2
     grid = (triton.cdiv(n_queries, cfg["BLOCK_M"]), batch * n_heads)
-    _flash_attention_fwd[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_heads, n_queries, k.shape[2], qk_scale,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with on_device_of(q):
+        _flash_attention_fwd[grid](
+            q, k, v, out,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            n_heads, n_queries, k.shape[2], qk_scale,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out

@@ -318,6 +318,9 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
         n_keys = int(q_start.max()) + n_new
         k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
         mask = causal_cache_mask(q_start, n_new, n_keys)
+        # A shorter row's stale slots get weight 0, and 0 * inf is NaN in SDPA's sums: zero them.
+        stale = (torch.arange(n_keys, device=q.device) >= (q_start + n_new)[:, None])[:, None, :, None]  # (B, 1, S, 1)
+        k, v = k.masked_fill(stale, 0.0), v.masked_fill(stale, 0.0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .decoding import (DecodeStats, LogitRules, WindowBatch, WindowResult, autoregressive_decode, no_speech_probs,
-                       prefill, token_budget)
+                       prefill, synchronize, token_budget)
 from .kv_cache import repeat_rows
 from .speculative import speculative_decode
 
@@ -173,10 +173,13 @@ def beam_search_window(model: Whisper, tokenizer: Tokenizer, window: WindowBatch
     options = window.options
     prompt = window.prompts[row]
     audio_kv = window.audio_kv.rows([row])
+    device = model.decoder.token_embedding.weight.device
+    synchronize(device)
     started = time.perf_counter()
     cache = model.new_cache(1)
     logits, prompt_hidden = prefill(model, audio_kv, [prompt], cache)
     no_speech = no_speech_probs(model, tokenizer, prompt_hidden, [prompt])[0]
+    synchronize(device)
     stats.prefill_seconds += time.perf_counter() - started
     started = time.perf_counter()
     beams_kv = audio_kv.repeat_rows(options.beam_size)
@@ -193,6 +196,7 @@ def beam_search_window(model: Whisper, tokenizer: Tokenizer, window: WindowBatch
                         tokenizer.eot)
     best = hypotheses[rank(hypotheses, options.length_penalty)]
     stats.generated_tokens += len(best.tokens)
+    synchronize(device)
     stats.decode_seconds += time.perf_counter() - started
     # openai-whisper averages over the tokens and one end-of-text, appended or not.
     return WindowResult(tokens=list(best.tokens), language=None, avg_logprob=best.sum_logprob / (len(best.tokens) + 1),

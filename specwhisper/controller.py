@@ -19,7 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from .decoding import synchronize
+
 if TYPE_CHECKING:
+    import torch
+
     from .decoding import DecodeStats, RowProgress
 
 
@@ -61,13 +65,25 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
 
 def calibrate(verify: Callable[[int], object], draft: Callable[[int], object], positions: tuple[int, ...] = (1, 3, 6),
               gammas: tuple[int, ...] = (1, 4), repeats: int = 3,
-              timer: Callable[[Callable[[], object], int], float] = median_seconds) -> Costs:
+              timer: Callable[[Callable[[], object], int], float] = median_seconds,
+              device: torch.device | None = None) -> Costs:
     """Time `verify(T)` (a main pass over T positions) and `draft(γ)` (a drafter's sync and γ steps), each
-    the median of `repeats` runs after one warm-up, and fit the two lines of `Costs`."""
-    for run in (lambda: verify(max(positions)), lambda: draft(max(gammas))):
+    the median of `repeats` runs after one warm-up, and fit the two lines of `Costs`. Each run ends when
+    `device` has done its work (CUDA), not when its launches return."""
+    def verify_done(t: int) -> object:
+        result = verify(t)
+        synchronize(device)
+        return result
+
+    def draft_done(g: int) -> object:
+        result = draft(g)
+        synchronize(device)
+        return result
+
+    for run in (lambda: verify_done(max(positions)), lambda: draft_done(max(gammas))):
         run()  # warm-up: caches, lazily built kernels
-    verify_base, verify_slope = fit_line([(t - 1, timer(lambda t=t: verify(t), repeats)) for t in positions])
-    draft_base, draft_per_token = fit_line([(g, timer(lambda g=g: draft(g), repeats)) for g in gammas])
+    verify_base, verify_slope = fit_line([(t - 1, timer(lambda t=t: verify_done(t), repeats)) for t in positions])
+    draft_base, draft_per_token = fit_line([(g, timer(lambda g=g: draft_done(g), repeats)) for g in gammas])
     return Costs(max(verify_base, 1e-6), verify_slope, draft_base, draft_per_token)
 
 
@@ -144,16 +160,19 @@ class RoundRecorder:
 
     STATS_FIELDS = {"prefill": "prefill_seconds", "draft": "draft_seconds", "verify": "verify_seconds"}
 
-    def __init__(self, stats: DecodeStats, controller: DraftLengthController):
+    def __init__(self, stats: DecodeStats, controller: DraftLengthController, device: torch.device | None = None):
         self.stats, self.controller = stats, controller
+        self.device = device  # the models' device, waited for before each clock read (CUDA)
         self.round_seconds: defaultdict[str, float] = defaultdict(float)
 
     @contextmanager
     def timing(self, phase: str) -> Iterator[None]:
+        synchronize(self.device)
         started = time.perf_counter()
         try:
             yield
         finally:
+            synchronize(self.device)
             seconds = time.perf_counter() - started
             self.round_seconds[phase] += seconds
             field_name = self.STATS_FIELDS[phase]

@@ -56,6 +56,13 @@ class DecodingOptions:
         check_search_options(self.beam_size, self.patience, self.length_penalty, self.best_of)
 
 
+def synchronize(device: torch.device | None) -> None:
+    """Wait for `device`'s queued work before a clock is read: a CUDA launch returns before its kernel
+    runs. A no-op off CUDA, where the work is done when the call returns."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class DecodeStats:
     """Counts and times of one decode call; speculative decoding fills the draft fields."""
@@ -416,8 +423,11 @@ def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBa
     """One main-model pass per token, for a batch of windows. At temperature 0 this is plain greedy
     decoding: the reference speculative decoding must reproduce token for token."""
     stats = stats if stats is not None else DecodeStats()
+    device = model.decoder.token_embedding.weight.device
+    synchronize(device)
     started = time.perf_counter()
     state = begin_window(model, tokenizer, window)
+    synchronize(device)
     stats.prefill_seconds += time.perf_counter() - started
     started = time.perf_counter()
     while not all(row.finished for row in state.rows):
@@ -429,6 +439,7 @@ def autoregressive_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBa
             if not row.finished:
                 decide(row, logits[r], window, screens[r] if screens else None)
     results = end_window(model, window, state, stats)
+    synchronize(device)
     stats.decode_seconds += time.perf_counter() - started
     return results
 

@@ -50,7 +50,22 @@ def holds_fp16_values(weight: Tensor) -> bool:
     return bool(torch.equal(weight.detach().half().float(), weight.detach().float()))
 
 
-class PackedLinear(nn.Module):
+class CpuPacked(nn.Module):
+    """A module whose weights are packed for the CPU in fp32: opaque objects that `.to()` would
+    silently leave behind, so moving it elsewhere or converting its dtype is an error."""
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0))  # where and in what dtype `.to()`, `.half()`, ... would put a float tensor
+        if probe.device.type != "cpu":
+            raise RuntimeError("this model's linear layers are prepacked for the CPU (specwhisper.prepack); "
+                               f"load it again on {probe.device} instead of moving it")
+        if probe.dtype != torch.float32:
+            raise RuntimeError("this model's linear layers are prepacked for the CPU in float32 "
+                               f"(specwhisper.prepack); load it again in {probe.dtype} instead of converting it")
+        return super()._apply(fn, recurse)
+
+
+class PackedLinear(CpuPacked):
     """y = x W^T + b with W prepacked once (inference only), in one of two libraries' layouts:
 
     - oneDNN's blocked fp32 layout (default). `max_in_per_call`: split the input features into
@@ -103,7 +118,7 @@ def decoder_linear(weight: Tensor, bias: Tensor | None, half_weights: bool = Tru
     return PackedLinear(weight, bias, max_in_per_call=ONEDNN_ROW_EXACT_WIDTH)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(CpuPacked):
     """y = x Wᵀ + b with W in int8 (one scale per output row), through PyTorch's dynamic-quantized
     linear (fbgemm): a quarter of fp32's bytes. For drafts only: their numbers never reach the output."""
 
@@ -135,7 +150,7 @@ def int8_available() -> bool:
 
 
 def is_packed(module: nn.Module) -> bool:
-    return isinstance(module, (PackedLinear, Int8Linear))
+    return isinstance(module, CpuPacked)
 
 
 def fuse_qkv(attn: nn.Module, make: MakeLinear = PackedLinear) -> None:

@@ -57,7 +57,8 @@ def sample_accept(p: Tensor, q: Tensor | None, draft: int, generator: torch.Gene
     """
     p_draft = float(p[draft])
     q_draft = 1.0 if q is None else float(q[draft])
-    if q_draft > 0 and torch.rand((), generator=generator).item() < min(1.0, p_draft / q_draft):
+    # Drawn on p's device: the generator is the model's, and a CUDA generator cannot draw CPU numbers.
+    if q_draft > 0 and torch.rand((), generator=generator, device=p.device).item() < min(1.0, p_draft / q_draft):
         return True, None
     residual = p.clone()
     if q is None:
@@ -75,7 +76,7 @@ def sample_accept(p: Tensor, q: Tensor | None, draft: int, generator: torch.Gene
 def speculative_decode(model: Whisper, tokenizer: Tokenizer, drafter: Drafter, window: WindowBatch,
                        stats: DecodeStats) -> list[WindowResult]:
     """Decode a batch of windows with drafts from `drafter`; equals `autoregressive_decode`'s output."""
-    recorder = RoundRecorder(stats, drafter.controller)
+    recorder = RoundRecorder(stats, drafter.controller, model.decoder.token_embedding.weight.device)
     with recorder.timing("prefill"):
         state = begin_window(model, tokenizer, window)
         drafter.prepare(window, state.prompt_hidden)
@@ -124,9 +125,10 @@ def calibrate_costs(model: Whisper, window: WindowBatch, state: DecodeState, dra
         target.sync([None if row.finished else row.tokens for row in rows])
         target.propose(gamma)
 
+    device = model.decoder.token_embedding.weight.device
     if target is None:
-        return calibrate(verify_pass, lambda gamma: None)
-    return calibrate(verify_pass, draft_round)
+        return calibrate(verify_pass, lambda gamma: None, device=device)
+    return calibrate(verify_pass, draft_round, device=device)
 
 
 @dataclass

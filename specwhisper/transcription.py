@@ -27,7 +27,7 @@ from . import audio as audio_io
 from .beam_search import decode_as_asked, uses_beam_search
 from .checks import check_clip_timestamps
 from .decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, WindowResult, build_prompts,
-                       resolve_languages, window_record)
+                       resolve_languages, synchronize, window_record)
 from .errors import SpecWhisperError
 from .kv_cache import AudioKV
 from .longform import FileTranscript, LongformOptions, Segment, run_files
@@ -92,8 +92,10 @@ def decode_window(model: SpeechModel, mel: torch.Tensor, options: DecodingOption
       costs; None: PyTorch's global generator, and speculative sampling with an assistant.
     """
     call = DecodeStats()  # this call's alone, summarized in `windows`, then added to `stats`
+    synchronize(model.device)
     started = time.perf_counter()
     audio_kv, features = encode_audio(model, mel)
+    synchronize(model.device)
     call.encoder_seconds += time.perf_counter() - started
     with torch.inference_mode():
         languages, language_probs = _row_languages(model, audio_kv, options.language, languages)

@@ -66,22 +66,22 @@ def _fresh_dispatch_state(monkeypatch):
     attention.reset_backend_stats()
 
 
-def randn(*shape, dtype=torch.float16, scale=1.0):
-    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+def randn(*shape, dtype=torch.float16, scale=1.0, device=DEVICE):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
-def make_decode_inputs(batch, heads, n_new, q_starts, dtype=torch.float16, seed=0):
+def make_decode_inputs(batch, heads, n_new, q_starts, dtype=torch.float16, seed=0, device=DEVICE):
     """q (B, H, T, D) and a (B, H, S_MAX, D) cache whose slots past each row's
     q_start + T hold large junk: a kernel that reads them is visibly wrong."""
     torch.manual_seed(seed)
-    q = randn(batch, heads, n_new, HEAD_DIM, dtype=dtype)
-    k_cache = randn(batch, heads, S_MAX, HEAD_DIM, dtype=dtype, scale=100.0)
-    v_cache = randn(batch, heads, S_MAX, HEAD_DIM, dtype=dtype, scale=100.0)
+    q = randn(batch, heads, n_new, HEAD_DIM, dtype=dtype, device=device)
+    k_cache = randn(batch, heads, S_MAX, HEAD_DIM, dtype=dtype, scale=100.0, device=device)
+    v_cache = randn(batch, heads, S_MAX, HEAD_DIM, dtype=dtype, scale=100.0, device=device)
     for b, start in enumerate(q_starts):
         n_valid = start + n_new
-        k_cache[b, :, :n_valid] = randn(heads, n_valid, HEAD_DIM, dtype=dtype)
-        v_cache[b, :, :n_valid] = randn(heads, n_valid, HEAD_DIM, dtype=dtype)
-    q_start = torch.tensor(q_starts, dtype=torch.long, device=DEVICE)
+        k_cache[b, :, :n_valid] = randn(heads, n_valid, HEAD_DIM, dtype=dtype, device=device)
+        v_cache[b, :, :n_valid] = randn(heads, n_valid, HEAD_DIM, dtype=dtype, device=device)
+    q_start = torch.tensor(q_starts, dtype=torch.long, device=device)
     return q, k_cache, v_cache, q_start
 
 
@@ -181,25 +181,45 @@ def test_num_splits_heuristic():
     assert num_splits_for(n_programs=8, key_bound=S_MAX, device=device) == 1  # cache too short to split
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_stale_inf_slots_leave_the_outputs_finite(dtype):
+    """A row's slots past its own keys (stale: rolled-back drafts, a longer row's length) get weight 0, and
+    0 * inf is NaN: with inf there, the reference and the ragged SDPA path give what zeros there give."""
+    q_starts, n_new = [3, 17, 9], 4
+    q, k_cache, v_cache, q_start = make_decode_inputs(len(q_starts), 2, n_new, q_starts, dtype=dtype)
+    k_zero, v_zero, k_inf, v_inf = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+    for b, start in enumerate(q_starts):
+        for cache, junk in ((k_zero, 0.0), (v_zero, 0.0), (k_inf, float("inf")), (v_inf, float("-inf"))):
+            cache[b, :, start + n_new:] = junk
+    reference = decode_attention_reference(q, k_inf, v_inf, q_start)
+    assert torch.isfinite(reference).all()
+    assert torch.equal(reference, decode_attention_reference(q, k_zero, v_zero, q_start))
+    with attention.use_attention_backend("torch"):
+        ragged = attention.self_attention(q, k_inf, v_inf, q_start)  # no uniform_start: rows differ
+        expected = attention.self_attention(q, k_zero, v_zero, q_start)
+    assert torch.isfinite(ragged).all()
+    assert torch.equal(ragged, expected)
+
+
 def test_kernels_reject_unsupported_inputs():
     q = randn(1, 2, 3, 48)  # head_dim 48 is not a power of two
     with pytest.raises(ValueError, match="head_dim"):
         cross_attention(q, q, q)
     q = randn(1, 2, 3, HEAD_DIM)
     with pytest.raises(ValueError, match="q_start"):
-        decode_attention(q, q, q, torch.zeros(2, dtype=torch.long))
+        decode_attention(q, q, q, torch.zeros(2, dtype=torch.long, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------
 # Dispatcher
 # ----------------------------------------------------------------------------
 
-def call_all_three(dtype=torch.float16, q_starts=(3, 17), n_new=4, uniform_start=None):
-    """Run the three entry points on small CPU inputs; returns their outputs."""
-    q, k_cache, v_cache, q_start = make_decode_inputs(len(q_starts), 2, n_new, list(q_starts), dtype=dtype)
+def call_all_three(dtype=torch.float16, q_starts=(3, 17), n_new=4, uniform_start=None, device=DEVICE):
+    """Run the three entry points on small inputs; returns their outputs."""
+    q, k_cache, v_cache, q_start = make_decode_inputs(len(q_starts), 2, n_new, list(q_starts), dtype=dtype,
+                                                      device=device)
     torch.manual_seed(3)
-    audio_k, audio_v = randn(len(q_starts), 2, 100, HEAD_DIM, dtype=dtype), randn(len(q_starts), 2, 100, HEAD_DIM,
-                                                                                    dtype=dtype)
+    audio_k, audio_v = (randn(len(q_starts), 2, 100, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
     return (attention.self_attention(q, k_cache, v_cache, q_start, uniform_start),
             attention.cross_attention(q, audio_k, audio_v),
             attention.encoder_attention(audio_k, audio_k, audio_v))
@@ -220,7 +240,7 @@ def test_backend_setting_and_context_manager():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_auto_never_picks_triton_on_cpu(dtype):
     """On CPU tensors "auto" runs SDPA, except the C decoder kernel for fp32 decoder attention."""
-    call_all_three(dtype)
+    call_all_three(dtype, device="cpu")
     decoder = "cpu" if dtype == torch.float32 and attention.cpu_kernel_unavailable_reason() is None else "torch"
     assert attention.last_backend_used() == {"self": decoder, "cross": decoder, "encoder": "torch"}
     assert attention.backend_call_counts() == {"self": {decoder: 1}, "cross": {decoder: 1}, "encoder": {"torch": 1}}
@@ -242,7 +262,7 @@ def test_forced_triton_matches_forced_torch(q_starts, uniform_start):
 def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(attention, "_kernels_interpreted", lambda: False)
     with attention.use_attention_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        call_all_three()
+        call_all_three(device="cpu")
 
 
 def test_auto_falls_back_once_when_a_kernel_fails(monkeypatch):

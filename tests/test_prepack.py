@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from specwhisper.prepack import PackedLinear, decoder_linear, holds_fp16_values, prepack_available
+from specwhisper.model import ModelDims, Whisper
+from specwhisper.prepack import (Int8Linear, PackedLinear, decoder_linear, holds_fp16_values, int8_available,
+                                 prepack_available, prepack_linears)
 from specwhisper.screening import fp16_gemm_available
 
 pytestmark = pytest.mark.skipif(not prepack_available(torch.device("cpu"), torch.float32),
@@ -76,3 +78,45 @@ def test_decoder_linears_are_half_only_where_exact():
     fp16_valued = torch.randn(64, 32).half().float()
     assert decoder_linear(fp16_valued, None).half_weights
     assert not decoder_linear(fp16_valued + 1e-5, None).half_weights  # an fp32 fine-tune: oneDNN, unrounded
+
+
+def packed_modules():
+    torch.manual_seed(5)
+    weight, bias = torch.randn(16, 32), torch.randn(16)
+    modules = [PackedLinear(weight, bias), PackedLinear(weight, bias, max_in_per_call=8)]
+    if fp16_gemm_available():
+        modules.append(PackedLinear(weight.half().float(), bias, half_weights=True))
+    if int8_available():
+        modules.append(Int8Linear(weight, bias))
+    return modules
+
+
+@pytest.mark.parametrize("move, message", [
+    (lambda m: m.to("meta"), "load it again on meta instead of moving it"),
+    (lambda m: m.half(), "load it again in torch.float16 instead of converting it"),
+    (lambda m: m.to(torch.float64), "load it again in torch.float64"),
+])
+def test_packed_modules_refuse_to_leave_the_cpu_or_fp32(move, message):
+    """Packed weights are opaque CPU objects: `.to()` would leave them behind and the model would fail later."""
+    for packed in packed_modules():
+        model = nn.Sequential(nn.LayerNorm(32), packed)  # as in a model: the move starts at its root
+        with pytest.raises(RuntimeError, match="prepacked for the CPU") as error:
+            move(model)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_packed_modules_stay_usable_after_a_move_to_where_they_are():
+    x = torch.randn(3, 32)
+    for packed in packed_modules():
+        with torch.no_grad():
+            before = packed(x)
+            assert torch.equal(packed.to("cpu").float().to("cpu", torch.float32).cpu()(x), before)
+
+
+def test_a_prepacked_network_stays_on_the_cpu_in_fp32_and_refuses_to_move():
+    dims = ModelDims(n_mels=80, n_audio_ctx=16, n_audio_state=32, n_audio_head=2, n_audio_layer=1, n_vocab=100,
+                     n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
+    network = prepack_linears(Whisper(dims).eval())
+    assert network.to("cpu").float() is network
+    with pytest.raises(RuntimeError, match="load it again on meta instead of moving it"):
+        network.to("meta")

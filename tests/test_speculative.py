@@ -17,9 +17,9 @@ import torch
 from conftest import read_manifest
 from random_models import english_tokenizer_json, make_random_model, write_hf_folder
 from specwhisper import audio, load_model
-from specwhisper.decoding import DecodeStats, DecodingOptions
+from specwhisper.decoding import DecodeStats, DecodingOptions, synchronize
 from specwhisper.assistants import make_assistant
-from specwhisper.controller import Costs, DraftLengthController, calibrate
+from specwhisper.controller import Costs, DraftLengthController, RoundRecorder, calibrate
 from specwhisper.drafters import Drafter, Drafts, TokenBridge
 from specwhisper.errors import IncompatibleAssistantError
 from specwhisper.speculative import greedy_accept, sample_accept
@@ -65,6 +65,20 @@ def test_speculative_sampling_reproduces_the_main_distribution(case):
     assert torch.all((result - p).abs() < tolerance), (result, p)
     # The naive rule "keep the draft" would return q; make sure the test can tell the difference.
     assert torch.any((q - p).abs() > 10 * tolerance)
+
+
+def test_the_uniform_is_drawn_on_the_device_of_p(monkeypatch):
+    """The generator is made on the model's device: on CUDA, a draw on the CPU would be an error."""
+    devices, real_rand = [], torch.rand
+
+    def rand(*args, **kwargs):
+        devices.append(kwargs.get("device"))
+        return real_rand(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", rand)
+    p = torch.tensor([0.5, 0.5])
+    sample_accept(p, torch.tensor([0.9, 0.1]), 0, torch.Generator().manual_seed(0))
+    assert devices == [p.device]
 
 
 def test_a_wrong_residual_would_be_caught():
@@ -131,6 +145,28 @@ def test_calibration_fits_the_cost_lines():
     assert costs.verify_base == pytest.approx(0.010) and costs.verify_slope == pytest.approx(0.0007)
     assert costs.draft_base == pytest.approx(0.001) and costs.draft_per_token == pytest.approx(0.0008)
     assert costs.draft(0) == 0.0 and costs.verify(5) == pytest.approx(0.0128)
+
+
+def test_timers_wait_for_a_cuda_device_and_for_nothing_else(monkeypatch):
+    """A CUDA launch returns before its kernel runs, so a clock read must wait for the device; the CPU's must not."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    for device in (None, torch.device("cpu"), torch.device("meta")):
+        synchronize(device)
+    with RoundRecorder(DecodeStats(), DraftLengthController()).timing("draft"):
+        pass
+    calibrate(lambda t: None, lambda g: None, timer=lambda run, repeats: run() or 1.0)
+    assert synced == []
+
+    gpu = torch.device("cuda", 1)
+    synchronize(gpu)
+    assert synced == [gpu]
+    with RoundRecorder(DecodeStats(), DraftLengthController(), gpu).timing("verify"):
+        assert synced == [gpu, gpu]  # before the clock starts
+    assert synced == [gpu] * 3  # and before it stops
+    synced.clear()
+    calibrate(lambda t: None, lambda g: None, timer=lambda run, repeats: run() or 1.0, device=gpu)
+    assert synced == [gpu] * (2 + 3 + 2)  # after the two warm-ups and each of the 3 + 2 timed runs
 
 
 def test_free_drafts_are_verified_as_far_as_their_acceptance_pays():
