@@ -139,7 +139,7 @@ def _use_cpu_kernel(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """"auto"'s rule on the CPU: the C kernel, in exact mode or for a few new tokens, where it runs."""
     if _backend != "auto" or q.device.type != "cpu":
         return False
-    if not (_positions_alone.get() or q.shape[2] <= CPU_KERNEL_MAX_QUERIES):
+    if not (computing_positions_alone() or q.shape[2] <= CPU_KERNEL_MAX_QUERIES):
         return False
     kernel = _cpu_kernel()
     return kernel.supports(q, k, v) and kernel.load_library() is not None
@@ -240,6 +240,8 @@ def _run_triton(kind: str, launch: Callable[[SimpleNamespace], Tensor]) -> Tenso
 
 
 def _record(kind: str, backend: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # a traced pass must not depend on these counts (each change would recompile it)
     _last_used[kind] = backend
     _call_counts[kind, backend] += 1
 
@@ -265,6 +267,12 @@ def positions_computed_alone(enabled: bool = True) -> Iterator[None]:
         _positions_alone.reset(token)
 
 
+def computing_positions_alone() -> bool:
+    """Whether inside `positions_computed_alone(True)`. Never in a pass torch.compile traces (its tracer cannot
+    read a ContextVar): those are fixed-shape passes (specwhisper.fixed_shape), exact by their shapes."""
+    return not torch.compiler.is_compiling() and _positions_alone.get()
+
+
 def one_position_at_a_time(q: Tensor) -> bool:
     """Whether the PyTorch path must compute each (row, new position) of q (B, H, T, D) in a call of its own.
 
@@ -272,7 +280,7 @@ def one_position_at_a_time(q: Tensor) -> bool:
     call per position gives each the bits of a one-token greedy step. Only on the CPU: on a GPU the
     fused kernels decide, and many tiny launches would cost more.
     """
-    return _positions_alone.get() and q.device.type == "cpu" and q.shape[0] * q.shape[2] > 1
+    return computing_positions_alone() and q.device.type == "cpu" and q.shape[0] * q.shape[2] > 1
 
 
 def _each_position(q: Tensor, attend: Callable[[int, int], Tensor]) -> Tensor:
@@ -281,14 +289,18 @@ def _each_position(q: Tensor, attend: Callable[[int, int], Tensor]) -> Tensor:
 
 
 def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
-                   uniform_start: int | None = None) -> Tensor:
+                   uniform_start: int | None = None, fixed_keys: bool = False) -> Tensor:
     """q: (B, H, T, D); k_cache, v_cache: (B, H, S_max, D); q_start: (B,) int64.
 
     `uniform_start` is q_start's value when every row shares it (a Python int the
     caller already knows), which lets a single-token step skip building a mask.
+    `fixed_keys`: read all S_max slots under a mask built on the device, whatever the lengths (a
+    StaticKVCache's passes: fixed shapes, nothing read back, capturable).
     Returns (B, H, T, D).
     """
     n_new = q.shape[2]
+    if fixed_keys:
+        return fixed_shape_self_attention(q, k_cache, v_cache, q_start)
     if _choose("self", q, k_cache, v_cache) == "triton":
         # The kernel reads q_start on the device; uniform_start only bounds the
         # key range for its split heuristic, so no host sync either way.
@@ -322,6 +334,18 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
         stale = (torch.arange(n_keys, device=q.device) >= (q_start + n_new)[:, None])[:, None, :, None]  # (B, 1, S, 1)
         k, v = k.masked_fill(stale, 0.0), v.masked_fill(stale, 0.0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def fixed_shape_self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor) -> Tensor:
+    """`self_attention` over every cache slot, masked by q_start on the device: the kernel with its key bound
+    at S_max, or SDPA with a (B, 1, T, S_max) mask. No host int enters, so every pass has one shape."""
+    if _choose("self", q, k_cache, v_cache) == "triton":
+        out = _run_triton("self", lambda kern: kern.decode.decode_attention(q, k_cache, v_cache, q_start))
+        if out is not None:
+            return out
+    _record("self", "torch")
+    return F.scaled_dot_product_attention(q, k_cache, v_cache,
+                                          attn_mask=causal_cache_mask(q_start, q.shape[2], k_cache.shape[2]))
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .decoding import (DecodeStats, LogitRules, WindowBatch, WindowResult, autoregressive_decode, no_speech_probs,
                        prefill, synchronize, token_budget)
+from .fixed_shape import decode_on_fixed_shapes, decodes_on_fixed_shapes
 from .kv_cache import repeat_rows
 from .speculative import speculative_decode
 
@@ -242,6 +243,8 @@ def decode_as_asked(model: Whisper, tokenizer: Tokenizer, window: WindowBatch, a
         return beam_search_decode(model, tokenizer, window, stats)
 
     def one_per_row(batch: WindowBatch) -> list[WindowResult]:
+        if decodes_on_fixed_shapes(batch, assistant):
+            return decode_on_fixed_shapes(model, tokenizer, batch, assistant, stats)
         if assistant is None:
             return autoregressive_decode(model, tokenizer, batch, stats)
         return speculative_decode(model, tokenizer, assistant, batch, stats)

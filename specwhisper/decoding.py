@@ -303,12 +303,15 @@ class RowProgress:
     unscored_hidden: list[Tensor] = field(default_factory=list)
     unscored_at: list[int] = field(default_factory=list)
 
-    def commit(self, token: int, filtered_logits: Tensor, drafted: bool = False,
-               screen: ScreenedRow | None = None) -> None:
+    def commit(self, token: int, filtered_logits: Tensor | None, drafted: bool = False,
+               screen: ScreenedRow | None = None, logprob: float | None = None) -> None:
         """Record the decided next token; end-of-text or a spent budget finishes the row.
-        screen: the logits were screened, so the log-probability is left to `settle_logprobs`."""
+        screen: the logits were screened, so the log-probability is left to `settle_logprobs`.
+        logprob: the token's log-probability, computed where it was chosen (then no logits are passed)."""
         self.last_drafted = drafted
-        if screen is not None:
+        if logprob is not None:
+            self.sum_logprob += logprob
+        elif screen is not None:
             self.unscored_hidden.append(screen.hidden)
             self.unscored_at.append(len(self.tokens))
         else:

@@ -69,6 +69,8 @@ class KVCache:
     host, and keeping them off the device avoids a sync per step on a GPU.
     """
 
+    fixed_shape = False  # attention reads only the valid keys, whose count the host knows
+
     def __init__(self, keys: Tensor, values: Tensor, lengths: list[int]):
         self.keys = keys  # (L, B, H, S_max, D)
         self.values = values
@@ -90,6 +92,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
+
+    def computes_positions_alone(self) -> bool:
+        """Whether a pass must give each new position the bits of a one-token step (after the prompt):
+        how this cache's passes, whose shapes vary, stay exact (docs/exactness.md)."""
+        return max(self.lengths) > 0
 
     def uniform_length(self) -> int | None:
         """The shared length when every row has the same one, else None."""
@@ -174,3 +181,71 @@ class KVCache:
                 raise ValueError(f"cannot roll back from length {old} to {new}")
         self.lengths = list(new_lengths)
         self._lengths_tensor = None
+
+
+class StaticKVCache:
+    """A KV cache whose passes have fixed shapes and no host-side lengths: the GPU path's (fixed_shape.py).
+
+    The lengths are a (B,) tensor on the cache's device. A pass of T tokens writes at lengths .. +T by a
+    scatter and attention reads all S_max slots under a mask, so nothing about a pass (shapes, launch
+    arguments) depends on a length: it can be captured once as a CUDA graph and replayed at any position.
+    S_max has room past the context for the padded rows of a pass that starts near its end.
+    """
+
+    fixed_shape = True
+
+    def __init__(self, keys: Tensor, values: Tensor, context: int):
+        self.keys = keys  # (L, B, H, S_max, D)
+        self.values = values
+        self.context = context  # the decoder's positions (448): padded rows past it reuse the last embedding
+        self.lengths = torch.zeros(keys.shape[1], dtype=torch.long, device=keys.device)  # (B,)
+
+    @classmethod
+    def allocate(cls, n_layer: int, batch_size: int, n_head: int, context: int, rows_per_pass: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> "StaticKVCache":
+        shape = (n_layer, batch_size, n_head, context + rows_per_pass, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   context)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def computes_positions_alone(self) -> bool:
+        return False  # fixed shapes give a position the same bits in every pass
+
+    def uniform_length(self) -> None:
+        return None  # the lengths stay on the device
+
+    def lengths_tensor(self) -> Tensor:
+        return self.lengths
+
+    def write_positions(self, n_new: int) -> Tensor:
+        """(B, n_new): the slots the next n_new tokens of each row go to."""
+        return self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)
+
+    def positions(self, n_new: int) -> Tensor:
+        """(B, n_new) positional-embedding indices; padded rows past the context take its last one."""
+        return self.write_positions(n_new).clamp(max=self.context - 1)
+
+    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Scatter (B, H, T, D) new K/V at each row's length; return the layer's full (B, H, S_max, D) tensors."""
+        batch, n_head, n_new, head_dim = k_new.shape
+        slots = self.write_positions(n_new)[:, None, :, None].expand(batch, n_head, n_new, head_dim)  # (B, H, T, D)
+        self.keys[layer].scatter_(2, slots, k_new)
+        self.values[layer].scatter_(2, slots, v_new)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n_new: int) -> None:
+        self.lengths += n_new
+
+    def set_lengths(self, lengths: Tensor | list[int]) -> None:
+        """Rollback and commit alike: lengths (B,) from the device (no sync) or from the host (one copy up)."""
+        if isinstance(lengths, Tensor):
+            self.lengths.copy_(lengths)
+        else:
+            self.lengths.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)

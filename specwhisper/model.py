@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import attention
-from .kv_cache import AudioKV, KVCache
+from .kv_cache import AudioKV, KVCache, StaticKVCache
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class MultiHeadAttention(nn.Module):
         if cache is None:
             return self.out(merge_heads(attention.causal_attention(q, k, v)))
         k_cache, v_cache = cache.write(layer, k, v)
-        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length())
+        out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length(),
+                                       fixed_keys=cache.fixed_shape)
         return self.out(merge_heads(out))
 
     def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int, scores: dict | None = None) -> Tensor:
@@ -217,7 +218,8 @@ class TextDecoder(nn.Module):
     def audio_kv(self, audio_features: Tensor) -> AudioKV:
         return cross_attention_kv(self.blocks, audio_features)
 
-    def forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache, cross_scores: dict | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, audio_kv: AudioKV, cache: KVCache | StaticKVCache,
+                cross_scores: dict | None = None) -> Tensor:
         """Run T new tokens per row at positions cache.lengths .. +T, append them to the cache.
 
         tokens: (B, T) -> hidden states (B, T, n_text_state) after the final LayerNorm.
@@ -230,7 +232,10 @@ class TextDecoder(nn.Module):
         # After the prompt, every position gets the bits a one-token step gives it, however many are
         # computed together: what lets a verify pass reproduce greedy steps exactly (docs/exactness.md).
         # The prompt runs as one block in greedy and speculative decoding alike.
-        with attention.positions_computed_alone(max(cache.lengths) > 0):
+        if cache.computes_positions_alone():
+            with attention.positions_computed_alone():
+                x = run_blocks(self.blocks, x, audio_kv, cache, cross_scores)
+        else:
             x = run_blocks(self.blocks, x, audio_kv, cache, cross_scores)
         return self.ln(x)
 
