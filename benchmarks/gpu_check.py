@@ -290,7 +290,7 @@ def section_timings(decoders: dict[str, TextDecoder], device: torch.device, repe
 
                 cells = [shape, f"main pass, {rows_per_pass} rows"]
                 for graphs in graph_modes:
-                    step = CapturedStep(one_pass, graphs)
+                    step = CapturedStep(one_pass, graphs, moves=[fixed.cache.lengths])
                     cells.append(median_ms(step, device, repeat))
                 rows.append(cells)
             draft = first_layers(decoder, 2)
@@ -304,7 +304,7 @@ def section_timings(decoders: dict[str, TextDecoder], device: torch.device, repe
                 fixed.cache.set_lengths(start)
                 return draft_step(fixed, rules, summary)
 
-            rows.append([shape, "draft step (2 layers)"] + [median_ms(CapturedStep(one_draft_step, graphs), device,
+            rows.append([shape, "draft step (2 layers)"] + [median_ms(CapturedStep(one_draft_step, graphs, moves=[]), device,
                                                                       repeat) for graphs in graph_modes])
     print_table(["model", "what", "ms"] + (["ms, graphs"] if len(graph_modes) == 2 else []), rows)
 

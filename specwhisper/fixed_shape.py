@@ -50,11 +50,13 @@ class CapturedStep:
     """`step()` on fixed buffers: on CUDA captured once as a graph and replayed, elsewhere run eagerly.
 
     The function must read its inputs from, and write its outputs to, tensors that outlive it: a replay
-    reruns the recorded kernels on the same addresses.
+    reruns the recorded kernels on the same addresses. `moves`: the tensors the step changes besides
+    K/V slots it will write again (lengths, its own next inputs); the warm-up run before the capture
+    is undone on them, so the first replay starts where the warm-up did.
     """
 
-    def __init__(self, step: Callable[[], Tensor], use_graph: bool):
-        self.step, self.use_graph = step, use_graph
+    def __init__(self, step: Callable[[], Tensor], use_graph: bool, moves: list[Tensor]):
+        self.step, self.use_graph, self.moves = step, use_graph, moves
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Tensor | None = None
 
@@ -62,17 +64,24 @@ class CapturedStep:
         if not self.use_graph:
             return self.step()
         if self.graph is None:
-            # Warm up on a side stream (Triton compiles, allocator pools fill), then record.
+            # Warm up on a side stream (Triton compiles, the allocator's pools fill), then record.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.step()
+                self.rehearse()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.output = self.step()
         self.graph.replay()
         return self.output
+
+    def rehearse(self) -> None:
+        """Run the step once and undo what it moved: the warm-up."""
+        saved = [tensor.clone() for tensor in self.moves]
+        self.step()
+        for tensor, before in zip(self.moves, saved):
+            tensor.copy_(before)
 
 
 @dataclass
@@ -203,11 +212,15 @@ def new_passes(decoder: nn.Module, window: WindowBatch, rows_per_pass: int, draf
     main = FixedDecoder.allocate(decoder, window.audio_kv, rows_per_pass)
     rules = DeviceRules(window.rules, decoder.token_embedding.weight.shape[0], device)
     summary = torch.zeros(batch, SUMMARY_FIELDS, dtype=torch.long, device=device)
-    passes = Passes(main, rules, summary, CapturedStep(lambda: main_step(main, rules, summary), use_graphs))
+    passes = Passes(main, rules, summary, CapturedStep(lambda: main_step(main, rules, summary), use_graphs,
+                                                       moves=[main.cache.lengths]))
     if draft is not None:
         passes.draft = FixedDecoder.allocate(draft[0], draft[1], rows_per_pass=2)  # a catch-up token + the last
         passes.draft_summary = draft_summary = torch.zeros_like(summary)
-        passes.draft_pass = CapturedStep(lambda: draft_step(passes.draft, rules, draft_summary), use_graphs)
+        draft_decoder = passes.draft
+        passes.draft_pass = CapturedStep(lambda: draft_step(draft_decoder, rules, draft_summary), use_graphs,
+                                         moves=[draft_decoder.cache.lengths, draft_decoder.tokens, draft_decoder.n_new,
+                                                draft_summary])
         passes.drafted = torch.zeros(batch, rows_per_pass - 1, dtype=torch.long, device=device)
     return passes
 

@@ -28,7 +28,7 @@ from specwhisper.assistants import make_assistant
 from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, autoregressive_decode,
                                   build_prompts)
 from specwhisper.device_rules import DeviceRules, row_summary
-from specwhisper.fixed_shape import (FixedDecoder, begin_fixed, block_and_steps, first_layers, fixed_greedy_step,
+from specwhisper.fixed_shape import (CapturedStep, FixedDecoder, begin_fixed, block_and_steps, first_layers, fixed_greedy_step,
                                      fixed_shape_decode, fixed_speculative_round, main_step, set_fixed_shapes)
 from specwhisper.host_reads import count_host_reads
 from specwhisper.kv_cache import AudioKV, KVCache, StaticKVCache
@@ -202,6 +202,26 @@ def test_transcribe_decodes_on_fixed_shapes_when_asked(base_model, dev_clips):
     assert fixed.text == plain.text == with_assistant.text
     assert fixed.tokens == plain.tokens == with_assistant.tokens
     assert with_assistant.stats.accepted > 0
+
+
+def test_a_warm_up_run_before_capture_changes_nothing(base_model, dev_clips, monkeypatch):
+    """On CUDA each step runs once before its graph is captured; that run must be undone completely. Here
+    every step is rehearsed (run and undone) before it runs: the transcripts must not change."""
+    network, tokenizer = base_model.network, base_model.tokenizer
+    with torch.inference_mode():
+        window = window_of(base_model, dev_clips[:2])
+        noisy = network.decoder.audio_kv(window.audio_features + 1.0)
+        plain = fixed_shape_decode(network, tokenizer, window, draft=(network.decoder, noisy), gamma=3)
+        original_call = CapturedStep.__call__
+
+        def rehearsed_call(self):
+            self.rehearse()
+            return original_call(self)
+
+        monkeypatch.setattr(CapturedStep, "__call__", rehearsed_call)
+        rehearsed = fixed_shape_decode(network, tokenizer, window, draft=(network.decoder, noisy), gamma=3)
+    assert [r.tokens for r in rehearsed] == [p.tokens for p in plain]
+    assert [r.draft_mask for r in rehearsed] == [p.draft_mask for p in plain]
 
 
 def test_unknown_fixed_shape_modes_are_refused():
