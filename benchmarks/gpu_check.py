@@ -262,10 +262,21 @@ def section_tokens(decoders: dict[str, TextDecoder], max_new_tokens: int) -> Non
                 speculative = fixed_shape_decode(model, tokenizer, window, stats,
                                                  draft=(draft, draft.audio_kv(window.audio_features)), gamma=4)
                 same = all(g.tokens == s.tokens for g, s in zip(greedy, speculative))
-                rows.append([shape, draft_name, sum(len(g.tokens) for g in greedy), f"{stats.acceptance_rate:.2f}",
-                             f"{stats.generated_tokens / stats.main_passes:.2f}",
+                rows.append([shape, draft_name, "off", sum(len(g.tokens) for g in greedy),
+                             f"{stats.acceptance_rate:.2f}", f"{stats.generated_tokens / stats.main_passes:.2f}",
                              verdict(same, f"{shape} greedy == speculative ({draft_name})")])
-    print_table(["model", "draft", "tokens", "accepted", "tokens/pass", "identical tokens"], rows)
+            if window.audio_kv.keys[0].is_cuda:  # the same decodes replayed from CUDA graphs
+                two_layers = first_layers(decoder, 2)
+                replayed = fixed_shape_decode(model, tokenizer, window, use_graphs=True)
+                stats = DecodeStats()
+                replayed_speculative = fixed_shape_decode(model, tokenizer, window, stats, draft=(
+                    two_layers, two_layers.audio_kv(window.audio_features)), gamma=4, use_graphs=True)
+                same = all(g.tokens == r.tokens == s.tokens
+                           for g, r, s in zip(greedy, replayed, replayed_speculative))
+                rows.append([shape, "2 layers", "on", sum(len(r.tokens) for r in replayed),
+                             f"{stats.acceptance_rate:.2f}", f"{stats.generated_tokens / stats.main_passes:.2f}",
+                             verdict(same, f"{shape} graphs == eager")])
+    print_table(["model", "draft", "graphs", "tokens", "accepted", "tokens/pass", "identical tokens"], rows)
 
 
 def section_timings(decoders: dict[str, TextDecoder], device: torch.device, repeat: int,

@@ -16,6 +16,7 @@ for `benchmarks/gpu_check.py --device cpu`. docs/gpu.md has the design and what 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .decoding import (PAD_TOKEN, DecodeState, DecodeStats, RowProgress, WindowBatch, WindowResult, decide,
-                       end_window, no_speech_probs, token_budget)
+                       end_window, no_speech_probs, synchronize, token_budget)
 from .device_rules import SUMMARY_FIELDS, DeviceRules, row_summary
 from .kv_cache import AudioKV, StaticKVCache
 
@@ -293,8 +294,9 @@ def fixed_greedy_step(session: FixedSession) -> None:
     commit_choices(session, read_back(session.passes.main_pass()))
 
 
-def fixed_speculative_round(session: FixedSession, gamma: int) -> list[int | None]:
-    """γ draft steps, one verify pass, the accept decisions on the device, one read back."""
+def fixed_speculative_round(session: FixedSession, gamma: int) -> list[tuple[int, int] | None]:
+    """γ draft steps, one verify pass, the accept decisions on the device, one read back. Returns per row
+    (drafts verified, drafts accepted), None for a row finished before."""
     rows, passes = session.state.rows, session.passes
     main, draft = passes.main, passes.draft
     room = [0 if row.finished else min(gamma, row.budget - len(row.tokens)) for row in rows]
@@ -310,11 +312,12 @@ def fixed_speculative_round(session: FixedSession, gamma: int) -> list[int | Non
     main.tokens[:, 1:].fill_(PAD_TOKEN)
     main.tokens[:, 1:gamma + 1] = passes.drafted[:, :gamma]
     accepted = commit_choices(session, read_back(passes.main_pass()))
+    verified = [None if n is None else (n_drafts, n) for n, n_drafts in zip(accepted, room)]
     for r, (row, block) in enumerate(zip(rows, catch_up)):
         # The draft cache holds the catch-up and γ - 1 drafts; keep what the accepted text shares.
         session.draft_lengths[r] = min(session.draft_lengths[r] + len(block) + gamma - 1,
                                        session.prompt_lengths[r] + len(row.tokens) - 1)
-    return accepted
+    return verified
 
 
 def fixed_shape_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBatch, stats: DecodeStats | None = None,
@@ -328,21 +331,30 @@ def fixed_shape_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBatch
     if draft is not None and not 1 <= gamma < rows_per_pass:
         raise ValueError(f"gamma must be from 1 to rows_per_pass - 1 = {rows_per_pass - 1}, got {gamma}")
     stats = stats if stats is not None else DecodeStats()
+    device = window.audio_kv.keys[0].device
+    synchronize(device)
+    started = time.perf_counter()
     session = begin_fixed(model, tokenizer, window, rows_per_pass, draft, use_graphs)
+    synchronize(device)
+    stats.prefill_seconds += time.perf_counter() - started
+    started = time.perf_counter()
     rows = session.state.rows
     while not all(row.finished for row in rows):
         stats.main_passes += 1
         if draft is None:
             fixed_greedy_step(session)
             continue
-        accepted = fixed_speculative_round(session, gamma)
-        for n in accepted:
-            if n is not None:
-                stats.drafted += gamma
-                stats.accepted += n
-                stats.rejections += n < gamma
-                stats.accepted_per_round.append(n)
-    return end_window(model, window, session.state, stats, with_draft_mask=draft is not None)
+        stats.gammas.append(gamma)
+        for verified in fixed_speculative_round(session, gamma):
+            if verified is not None:
+                n_drafts, n_accepted = verified
+                stats.drafted += n_drafts
+                stats.accepted += n_accepted
+                stats.rejections += n_accepted < n_drafts
+                stats.accepted_per_round.append(n_accepted)
+    results = end_window(model, window, session.state, stats, with_draft_mask=draft is not None)
+    stats.decode_seconds += time.perf_counter() - started  # the host's last read waited for the device
+    return results
 
 
 # ----------------------------------------------------------------------------- when transcription uses it
