@@ -25,15 +25,35 @@ the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def import_from_checkout() -> None:
+    """Let the script run from a plain checkout where the package is not installed (a bare GPU machine
+    with torch, numpy, tiktoken and regex): the repository on sys.path, and its top-level `kernels/`
+    and `weights/` under the names the package installs them as."""
+    if importlib.util.find_spec("specwhisper") is not None and importlib.util.find_spec("specwhisper.kernels"):
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import specwhisper
+    for name in ("kernels", "weights"):
+        module = importlib.import_module(name)
+        sys.modules[f"specwhisper.{name}"] = module
+        setattr(specwhisper, name, module)
+
+
+import_from_checkout()
 
 from specwhisper.decoding import DecodeStats, DecodingOptions, LogitRules, WindowBatch, autoregressive_decode
 from specwhisper.device_rules import DeviceRules, row_summary
