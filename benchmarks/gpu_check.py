@@ -55,7 +55,9 @@ def import_from_checkout() -> None:
 
 import_from_checkout()
 
-from specwhisper.decoding import DecodeStats, DecodingOptions, LogitRules, WindowBatch, autoregressive_decode
+from common import print_table
+from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, autoregressive_decode,
+                                  synchronize)
 from specwhisper.device_rules import DeviceRules, row_summary
 from specwhisper.fixed_shape import block_and_steps, first_layers, fixed_shape_decode
 from specwhisper.host_reads import count_host_reads
@@ -75,20 +77,6 @@ def verdict(ok: bool, what: str) -> str:
     if not ok:
         FAILURES.append(what)
     return "ok" if ok else "FAIL"
-
-
-def print_table(header: list[str], rows: list[list]) -> None:
-    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_ms(fn, device: torch.device, repeat: int) -> float:
