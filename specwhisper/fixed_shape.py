@@ -133,10 +133,11 @@ class FixedDecoder:
 
 # ----------------------------------------------------------------------------- the captured steps
 
-def main_step(main: FixedDecoder, rules: DeviceRules, summary: Tensor) -> Tensor:
+def main_step(main: FixedDecoder, rules: DeviceRules, summary: Tensor, budget: Tensor) -> Tensor:
     """A main-model pass with its decisions, all on the device. Returns (B, 2T + 1) float64 packed for
     `read_back`: the choice at each position, its log-probability, and how many drafts agree with the
-    choices (the block's tokens after the first are drafts); the cache keeps the last decided token and them."""
+    choices (the block's tokens after the first are drafts); the cache keeps the last decided token and them.
+    budget (B,): the tokens each row may generate; a row that reaches it or end-of-text stops."""
     hidden = main.run()  # (B, T, C)
     masked = rules.apply(main.decoder.logits(hidden).float(), main.tokens, summary)  # (B, T, V)
     choices = masked.argmax(dim=-1)  # (B, T)
@@ -147,7 +148,15 @@ def main_step(main: FixedDecoder, rules: DeviceRules, summary: Tensor) -> Tensor
     n_agree = ((choices[:, :-1] == drafts) & counted).long().cumprod(dim=1).sum(dim=1)  # (B,)
     kept = torch.where(main.n_new > 0, 1 + n_agree, 0)
     main.cache.lengths.copy_(main.starts + kept)
-    return torch.cat([choices.double(), logprobs.double(), n_agree.double()[:, None]], dim=1)
+    packed = torch.cat([choices.double(), logprobs.double(), n_agree.double()[:, None]], dim=1)
+    # The next greedy step's inputs, so greedy decoding uploads nothing (a speculative round uploads its own).
+    following = choices.gather(1, n_agree[:, None])[:, 0]  # (B,): the token after the last kept one
+    rules.advance(summary, following)
+    going_on = (main.n_new > 0) & (following != rules.eot) & (summary[:, 0] < budget)
+    main.tokens.fill_(PAD_TOKEN)
+    main.tokens[:, 0] = following
+    main.n_new.copy_(going_on.long())
+    return packed
 
 
 def draft_step(draft: FixedDecoder, rules: DeviceRules, summary: Tensor) -> Tensor:
@@ -175,7 +184,8 @@ class Passes:
 
     main: FixedDecoder
     rules: DeviceRules
-    summary: Tensor  # (B, SUMMARY_FIELDS): `row_summary` of each row, uploaded before each main pass
+    summary: Tensor  # (B, SUMMARY_FIELDS): `row_summary` of each row, uploaded or advanced before each main pass
+    budget: Tensor  # (B,): the tokens each row may generate, uploaded once per window
     main_pass: CapturedStep
     draft: FixedDecoder | None = None
     draft_summary: Tensor | None = None  # (B, SUMMARY_FIELDS): `summary` advanced by each draft
@@ -213,8 +223,10 @@ def new_passes(decoder: nn.Module, window: WindowBatch, rows_per_pass: int, draf
     main = FixedDecoder.allocate(decoder, window.audio_kv, rows_per_pass)
     rules = DeviceRules(window.rules, decoder.token_embedding.weight.shape[0], device)
     summary = torch.zeros(batch, SUMMARY_FIELDS, dtype=torch.long, device=device)
-    passes = Passes(main, rules, summary, CapturedStep(lambda: main_step(main, rules, summary), use_graphs,
-                                                       moves=[main.cache.lengths]))
+    budget = torch.zeros(batch, dtype=torch.long, device=device)
+    passes = Passes(main, rules, summary, budget, CapturedStep(
+        lambda: main_step(main, rules, summary, budget), use_graphs,
+        moves=[main.cache.lengths, main.tokens, main.n_new, summary]))
     if draft is not None:
         passes.draft = FixedDecoder.allocate(draft[0], draft[1], rows_per_pass=2)  # a catch-up token + the last
         passes.draft_summary = draft_summary = torch.zeros_like(summary)
@@ -235,6 +247,7 @@ class FixedSession:
     passes: Passes
     prompt_lengths: list[int]
     draft_lengths: list[int]  # host copy: what the draft cache holds per row
+    inputs_on_device: bool = False  # the next greedy step's inputs were prepared by the last main pass
 
     @property
     def main(self) -> FixedDecoder:
@@ -257,6 +270,7 @@ def begin_fixed(model: Whisper, tokenizer: Tokenizer, window: WindowBatch, rows_
     state = DecodeState(passes.main.cache, rows, no_speech_probs(model, tokenizer, hidden, window.prompts), hidden)
     if draft is not None:
         passes.draft.prefill(window.prompts)
+    upload(passes.budget, [row.budget for row in rows])
     prompt_lengths = [len(p) for p in window.prompts]
     return FixedSession(window, state, passes, prompt_lengths, list(prompt_lengths))
 
@@ -288,9 +302,12 @@ def commit_choices(session: FixedSession, packed: list[list[float]]) -> list[int
 
 
 def fixed_greedy_step(session: FixedSession) -> None:
-    """One greedy token per active row: one captured pass, one read back."""
-    session.main.tokens[:, 1:].fill_(PAD_TOKEN)
-    upload_main_inputs(session, [0] * len(session.state.rows))
+    """One greedy token per active row: one captured pass, one read back, and after the first step
+    nothing uploaded (each pass prepares the next one's inputs)."""
+    if not session.inputs_on_device:
+        session.main.tokens[:, 1:].fill_(PAD_TOKEN)
+        upload_main_inputs(session, [0] * len(session.state.rows))
+        session.inputs_on_device = True
     commit_choices(session, read_back(session.passes.main_pass()))
 
 

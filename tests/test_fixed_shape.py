@@ -30,11 +30,13 @@ from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, Wind
 from specwhisper.device_rules import DeviceRules, row_summary
 from specwhisper.fixed_shape import (CapturedStep, FixedDecoder, begin_fixed, block_and_steps, first_layers, fixed_greedy_step,
                                      fixed_shape_decode, fixed_speculative_round, main_step, set_fixed_shapes)
+from specwhisper import fixed_shape
 from specwhisper.host_reads import count_host_reads
 from specwhisper.kv_cache import AudioKV, KVCache, StaticKVCache
 from specwhisper.transcription import encode_audio
 
 ROOT = Path(__file__).resolve().parents[1]
+original_upload = fixed_shape.upload
 TEXT = " The history of the art of printing, the most important of all the arts"
 
 
@@ -224,6 +226,21 @@ def test_a_warm_up_run_before_capture_changes_nothing(base_model, dev_clips, mon
     assert [r.draft_mask for r in rehearsed] == [p.draft_mask for p in plain]
 
 
+def test_long_form_on_fixed_shapes_equals_the_everyday_path(base_model):
+    """Windows after the first are prompted with the text before them: prompts of other lengths."""
+    samples = audio.load_audio(read_manifest("long")[0]["path"])[:70 * 16000]
+    plain = base_model.transcribe(samples, language="en")
+    set_fixed_shapes("on")
+    try:
+        fixed = base_model.transcribe(samples, language="en",
+                                      assistant=make_assistant(base_model, base_model, draft_length=4))
+    finally:
+        set_fixed_shapes("auto")
+    assert plain.windows >= 3
+    assert fixed.tokens == plain.tokens and fixed.text == plain.text
+    assert [s.start for s in fixed.segments] == [s.start for s in plain.segments]
+
+
 def test_unknown_fixed_shape_modes_are_refused():
     with pytest.raises(ValueError, match="fixed-shape mode"):
         set_fixed_shapes("always")
@@ -231,14 +248,20 @@ def test_unknown_fixed_shape_modes_are_refused():
 
 # ----------------------------------------------------------------------------- syncs
 
-def test_one_host_read_per_greedy_step_and_per_speculative_round(base_model, dev_clips):
+def test_one_host_read_per_greedy_step_and_per_speculative_round(base_model, dev_clips, monkeypatch):
     network = base_model.network
+    uploads = []
+    monkeypatch.setattr(fixed_shape, "upload", lambda target, values: (uploads.append(values),
+                                                                        original_upload(target, values)))
     with torch.inference_mode():
         window = window_of(base_model, dev_clips[:2])
         session = begin_fixed(network, base_model.tokenizer, window, rows_per_pass=8)
+        fixed_greedy_step(session)
+        uploads.clear()
         with count_host_reads("cpu") as greedy_reads:
             for _ in range(6):
                 fixed_greedy_step(session)
+        assert uploads == []  # after the first step, each pass prepares the next one's inputs on the device
         session = begin_fixed(network, base_model.tokenizer, window, rows_per_pass=8,
                               draft=(first_layers(network.decoder, 2), window.audio_kv))
         with count_host_reads("cpu") as round_reads:
@@ -276,6 +299,7 @@ def test_the_main_step_compiles_whole_and_does_not_recompile_across_positions(tm
         fixed.n_new.fill_(len(tokens))
         summary.copy_(torch.tensor([row_summary(rules, generated)]))
 
+    budget = torch.tensor([100])
     steps = [([50364], [50364]), ([300], [50364, 300]), ([11, 4000, 50370], [50364, 300, 11]),
              ([4000], [50364, 300, 11, 4000]), ([50380, 9], [50364, 300, 11, 4000, 50380])]
     eager, compiled = [], []
@@ -284,9 +308,9 @@ def test_the_main_step_compiles_whole_and_does_not_recompile_across_positions(tm
         fixed, summary = fresh()
         for tokens, generated in steps:
             inputs(fixed, summary, tokens, generated)
-            eager.append((main_step(fixed, device_rules, summary), fixed.cache.lengths.clone()))
+            eager.append((main_step(fixed, device_rules, summary, budget), fixed.cache.lengths.clone()))
         fixed, summary = fresh()
-        step = torch.compile(lambda: main_step(fixed, device_rules, summary), fullgraph=True, dynamic=False,
+        step = torch.compile(lambda: main_step(fixed, device_rules, summary, budget), fullgraph=True, dynamic=False,
                              backend="aot_eager")
         with torch._dynamo.config.patch(error_on_recompile=True):
             for tokens, generated in steps:
