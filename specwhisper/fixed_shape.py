@@ -16,6 +16,7 @@ for `benchmarks/gpu_check.py --device cpu`. docs/gpu.md has the design and what 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -377,19 +378,23 @@ def fixed_shape_decode(model: Whisper, tokenizer: Tokenizer, window: WindowBatch
 # ----------------------------------------------------------------------------- when transcription uses it
 
 FIXED_SHAPE_MODES = ("auto", "on", "off")
-_mode = "auto"
+_mode: str | None = None  # set by `set_fixed_shapes`; None: the SPECWHISPER_FIXED_SHAPES variable, or "auto"
 
 
-def set_fixed_shapes(mode: str) -> None:
-    """"auto" (default): greedy windows on CUDA decode here; "on": everywhere (the CPU too: tests); "off": never."""
+def set_fixed_shapes(mode: str | None) -> None:
+    """"auto" (default): greedy windows on CUDA decode here; "on": everywhere (the CPU too: tests); "off": never.
+    None: back to the SPECWHISPER_FIXED_SHAPES environment variable (how the CLI and Ray workers are told)."""
     global _mode
-    if mode not in FIXED_SHAPE_MODES:
+    if mode is not None and mode not in FIXED_SHAPE_MODES:
         raise ValueError(f"unknown fixed-shape mode {mode!r}; expected one of {FIXED_SHAPE_MODES}")
     _mode = mode
 
 
 def fixed_shapes_mode() -> str:
-    return _mode
+    mode = _mode or os.environ.get("SPECWHISPER_FIXED_SHAPES", "auto")
+    if mode not in FIXED_SHAPE_MODES:
+        raise ValueError(f"SPECWHISPER_FIXED_SHAPES={mode!r}: expected one of {', '.join(FIXED_SHAPE_MODES)}")
+    return mode
 
 
 def draft_network(assistant) -> nn.Module | None:
@@ -403,9 +408,10 @@ def draft_network(assistant) -> nn.Module | None:
 
 def decodes_on_fixed_shapes(window: WindowBatch, assistant) -> bool:
     """Whether `transcription` sends this window batch here: greedy, and an assistant (if any) it can step."""
-    if _mode == "off" or window.options.temperature > 0:
+    mode = fixed_shapes_mode()
+    if mode == "off" or window.options.temperature > 0:
         return False
-    if _mode == "auto" and window.audio_kv.keys[0].device.type != "cuda":
+    if mode == "auto" and window.audio_kv.keys[0].device.type != "cuda":
         return False
     return assistant is None or draft_network(assistant) is not None
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -23,14 +24,14 @@ import torch
 
 from conftest import read_manifest
 from random_models import make_random_model
-from specwhisper import attention, audio
+from specwhisper import attention, audio, fixed_shape
 from specwhisper.assistants import make_assistant
 from specwhisper.decoding import (DecodeStats, DecodingOptions, LogitRules, WindowBatch, autoregressive_decode,
                                   build_prompts)
 from specwhisper.device_rules import DeviceRules, row_summary
-from specwhisper.fixed_shape import (CapturedStep, FixedDecoder, begin_fixed, block_and_steps, first_layers, fixed_greedy_step,
-                                     fixed_shape_decode, fixed_speculative_round, main_step, set_fixed_shapes)
-from specwhisper import fixed_shape
+from specwhisper.fixed_shape import (CapturedStep, FixedDecoder, begin_fixed, block_and_steps, decodes_on_fixed_shapes,
+                                     first_layers, fixed_greedy_step, fixed_shape_decode, fixed_speculative_round,
+                                     main_step, set_fixed_shapes)
 from specwhisper.host_reads import count_host_reads
 from specwhisper.kv_cache import AudioKV, KVCache, StaticKVCache
 from specwhisper.transcription import encode_audio
@@ -200,7 +201,7 @@ def test_transcribe_decodes_on_fixed_shapes_when_asked(base_model, dev_clips):
         with_assistant = base_model.transcribe(dev_clips[1], language="en",
                                                assistant=make_assistant(base_model, base_model, draft_length=3))
     finally:
-        set_fixed_shapes("auto")
+        set_fixed_shapes(None)
     assert fixed.text == plain.text == with_assistant.text
     assert fixed.tokens == plain.tokens == with_assistant.tokens
     assert with_assistant.stats.accepted > 0
@@ -235,7 +236,7 @@ def test_long_form_on_fixed_shapes_equals_the_everyday_path(base_model):
         fixed = base_model.transcribe(samples, language="en",
                                       assistant=make_assistant(base_model, base_model, draft_length=4))
     finally:
-        set_fixed_shapes("auto")
+        set_fixed_shapes(None)
     assert plain.windows >= 3
     assert fixed.tokens == plain.tokens and fixed.text == plain.text
     assert [s.start for s in fixed.segments] == [s.start for s in plain.segments]
@@ -244,6 +245,30 @@ def test_long_form_on_fixed_shapes_equals_the_everyday_path(base_model):
 def test_unknown_fixed_shape_modes_are_refused():
     with pytest.raises(ValueError, match="fixed-shape mode"):
         set_fixed_shapes("always")
+
+
+def test_the_environment_variable_turns_fixed_shapes_on_and_off(base_model, dev_clips, monkeypatch):
+    with torch.inference_mode():
+        window = window_of(base_model, dev_clips[:1])
+    assert not decodes_on_fixed_shapes(window, None)  # auto, on the CPU
+    monkeypatch.setenv("SPECWHISPER_FIXED_SHAPES", "on")
+    assert decodes_on_fixed_shapes(window, None)
+    set_fixed_shapes("off")  # the API's setting wins
+    try:
+        assert not decodes_on_fixed_shapes(window, None)
+    finally:
+        set_fixed_shapes(None)
+    monkeypatch.setenv("SPECWHISPER_FIXED_SHAPES", "sometimes")
+    with pytest.raises(ValueError, match="SPECWHISPER_FIXED_SHAPES='sometimes'"):
+        decodes_on_fixed_shapes(window, None)
+
+
+def test_a_bad_fixed_shape_variable_is_one_line_from_the_cli():
+    done = subprocess.run([sys.executable, "-m", "specwhisper", "transcribe", "demo", "--assistant", "none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SPECWHISPER_FIXED_SHAPES": "sometimes"})
+    assert done.returncode != 0
+    assert "SPECWHISPER_FIXED_SHAPES='sometimes'" in done.stderr and "Traceback" not in done.stderr
 
 
 # ----------------------------------------------------------------------------- syncs
