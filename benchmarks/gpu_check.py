@@ -1,7 +1,7 @@
 """The GPU path, checked and timed in one run: what to run first on a machine with a GPU.
 
 Random weights at real shapes (base and large-v2 decoders; no network, no weight files), a stub
-tokenizer, about 5 minutes on one GPU. Prints, section by section:
+tokenizer, sized for 5 minutes on one GPU. Prints, section by section:
 
   versions      python, torch, triton, the device, its SMs and compute capability
   kernels       the Triton attention kernels against their fp32 references (max abs error)
