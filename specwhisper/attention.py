@@ -289,18 +289,18 @@ def _each_position(q: Tensor, attend: Callable[[int, int], Tensor]) -> Tensor:
 
 
 def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
-                   uniform_start: int | None = None, fixed_keys: bool = False) -> Tensor:
+                   uniform_start: int | None = None, fixed_mask: Tensor | None = None) -> Tensor:
     """q: (B, H, T, D); k_cache, v_cache: (B, H, S_max, D); q_start: (B,) int64.
 
     `uniform_start` is q_start's value when every row shares it (a Python int the
     caller already knows), which lets a single-token step skip building a mask.
-    `fixed_keys`: read all S_max slots under a mask built on the device, whatever the lengths (a
+    `fixed_mask` (B, 1, T, S_max): read all S_max slots under this mask, whatever the lengths (a
     StaticKVCache's passes: fixed shapes, nothing read back, capturable).
     Returns (B, H, T, D).
     """
     n_new = q.shape[2]
-    if fixed_keys:
-        return fixed_shape_self_attention(q, k_cache, v_cache, q_start)
+    if fixed_mask is not None:
+        return fixed_shape_self_attention(q, k_cache, v_cache, q_start, fixed_mask)
     if _choose("self", q, k_cache, v_cache) == "triton":
         # The kernel reads q_start on the device; uniform_start only bounds the
         # key range for its split heuristic, so no host sync either way.
@@ -336,16 +336,15 @@ def self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def fixed_shape_self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor) -> Tensor:
-    """`self_attention` over every cache slot, masked by q_start on the device: the kernel with its key bound
-    at S_max, or SDPA with a (B, 1, T, S_max) mask. No host int enters, so every pass has one shape."""
+def fixed_shape_self_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_start: Tensor, mask: Tensor) -> Tensor:
+    """`self_attention` over every cache slot: the kernel with its key bound at S_max (it reads q_start on the
+    device), or SDPA with the pass's mask (B, 1, T, S_max). No host int enters, so every pass has one shape."""
     if _choose("self", q, k_cache, v_cache) == "triton":
         out = _run_triton("self", lambda kern: kern.decode.decode_attention(q, k_cache, v_cache, q_start))
         if out is not None:
             return out
     _record("self", "torch")
-    return F.scaled_dot_product_attention(q, k_cache, v_cache,
-                                          attn_mask=causal_cache_mask(q_start, q.shape[2], k_cache.shape[2]))
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

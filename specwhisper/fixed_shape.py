@@ -119,9 +119,9 @@ class FixedDecoder:
         """Each row's prompt into the emptied cache, eagerly (its length varies). Returns hidden (B, T, C)."""
         longest = max(len(p) for p in prompts)
         tokens = torch.tensor([p + [PAD_TOKEN] * (longest - len(p)) for p in prompts], device=self.tokens.device)
-        self.cache.set_lengths([0] * len(prompts))
+        upload(self.cache.lengths, [0] * len(prompts))
         hidden = self.decoder(tokens, self.audio_kv, self.cache)  # (B, T, C)
-        self.cache.set_lengths([len(p) for p in prompts])
+        upload(self.cache.lengths, [len(p) for p in prompts])
         return hidden
 
     def run(self) -> Tensor:

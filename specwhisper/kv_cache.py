@@ -69,8 +69,6 @@ class KVCache:
     host, and keeping them off the device avoids a sync per step on a GPU.
     """
 
-    fixed_shape = False  # attention reads only the valid keys, whose count the host knows
-
     def __init__(self, keys: Tensor, values: Tensor, lengths: list[int]):
         self.keys = keys  # (L, B, H, S_max, D)
         self.values = values
@@ -97,6 +95,9 @@ class KVCache:
         """Whether a pass must give each new position the bits of a one-token step (after the prompt):
         how this cache's passes, whose shapes vary, stay exact (docs/exactness.md)."""
         return max(self.lengths) > 0
+
+    def pass_mask(self) -> None:
+        return None  # attention reads only the valid keys, whose count the host knows
 
     def uniform_length(self) -> int | None:
         """The shared length when every row has the same one, else None."""
@@ -192,13 +193,13 @@ class StaticKVCache:
     S_max has room past the context for the padded rows of a pass that starts near its end.
     """
 
-    fixed_shape = True
-
     def __init__(self, keys: Tensor, values: Tensor, context: int):
         self.keys = keys  # (L, B, H, S_max, D)
         self.values = values
         self.context = context  # the decoder's positions (448): padded rows past it reuse the last embedding
         self.lengths = torch.zeros(keys.shape[1], dtype=torch.long, device=keys.device)  # (B,)
+        self.slots: Tensor | None = None  # (B, T): the current pass's, set by `positions`
+        self.mask: Tensor | None = None  # (B, 1, T, S_max)
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_head: int, context: int, rows_per_pass: int,
@@ -224,18 +225,22 @@ class StaticKVCache:
     def lengths_tensor(self) -> Tensor:
         return self.lengths
 
-    def write_positions(self, n_new: int) -> Tensor:
-        """(B, n_new): the slots the next n_new tokens of each row go to."""
-        return self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)
-
     def positions(self, n_new: int) -> Tensor:
-        """(B, n_new) positional-embedding indices; padded rows past the context take its last one."""
-        return self.write_positions(n_new).clamp(max=self.context - 1)
+        """Begin a pass of n_new tokens: its slots (B, T) and attention mask (B, 1, T, S_max) are computed here,
+        once for every layer. Returns (B, T) positional-embedding indices; padded rows past the context take
+        its last one."""
+        self.slots = self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)  # (B, T)
+        keys = torch.arange(self.max_len, device=self.lengths.device)
+        self.mask = (keys[None, None, :] <= self.slots[:, :, None])[:, None]  # query at slot p sees keys 0 .. p
+        return self.slots.clamp(max=self.context - 1)
+
+    def pass_mask(self) -> Tensor:
+        return self.mask
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-        """Scatter (B, H, T, D) new K/V at each row's length; return the layer's full (B, H, S_max, D) tensors."""
+        """Scatter (B, H, T, D) new K/V at this pass's slots; return the layer's full (B, H, S_max, D) tensors."""
         batch, n_head, n_new, head_dim = k_new.shape
-        slots = self.write_positions(n_new)[:, None, :, None].expand(batch, n_head, n_new, head_dim)  # (B, H, T, D)
+        slots = self.slots[:, None, :, None].expand(batch, n_head, n_new, head_dim)  # (B, H, T, D)
         self.keys[layer].scatter_(2, slots, k_new)
         self.values[layer].scatter_(2, slots, v_new)
         return self.keys[layer], self.values[layer]
@@ -243,9 +248,6 @@ class StaticKVCache:
     def advance(self, n_new: int) -> None:
         self.lengths += n_new
 
-    def set_lengths(self, lengths: Tensor | list[int]) -> None:
-        """Rollback and commit alike: lengths (B,) from the device (no sync) or from the host (one copy up)."""
-        if isinstance(lengths, Tensor):
-            self.lengths.copy_(lengths)
-        else:
-            self.lengths.copy_(torch.tensor(lengths, dtype=torch.long), non_blocking=True)
+    def set_lengths(self, lengths: Tensor) -> None:
+        """Rollback and commit alike, on the device: lengths (B,)."""
+        self.lengths.copy_(lengths)

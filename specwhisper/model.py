@@ -94,7 +94,7 @@ class MultiHeadAttention(nn.Module):
             return self.out(merge_heads(attention.causal_attention(q, k, v)))
         k_cache, v_cache = cache.write(layer, k, v)
         out = attention.self_attention(q, k_cache, v_cache, cache.lengths_tensor(), cache.uniform_length(),
-                                       fixed_keys=cache.fixed_shape)
+                                       fixed_mask=cache.pass_mask())
         return self.out(merge_heads(out))
 
     def cross_forward(self, x: Tensor, audio_kv: AudioKV, layer: int, scores: dict | None = None) -> Tensor:

@@ -64,18 +64,21 @@ def test_the_static_cache_writes_where_the_device_lengths_say():
                                     dtype=torch.float32, device="cpu")
     everyday = KVCache.allocate(n_layer=1, batch_size=2, n_head=2, max_len=9, head_dim=4, dtype=torch.float32,
                                 device="cpu")
-    static.set_lengths([1, 4])
+    static.set_lengths(torch.tensor([1, 4]))
     everyday.rollback([0, 0])
     everyday.lengths = [1, 4]
+    # Row 1's third token lands on slot 6, past the 6-position context: its embedding index stays at 5.
+    assert static.positions(3).tolist() == [[1, 2, 3], [4, 5, 5]]
     k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
     static.write(0, k, v)
     everyday.write(0, k, v)
     assert torch.equal(static.keys, everyday.keys) and torch.equal(static.values, everyday.values)
-    # Row 1's third token lands on slot 6, past the 6-position context: its embedding index stays at 5.
-    assert static.positions(3).tolist() == [[1, 2, 3], [4, 5, 5]]
+    # The pass's mask: the query at slot p sees slots 0 .. p, the mask `attention` builds for a ragged pass.
+    assert torch.equal(static.pass_mask(), attention.causal_cache_mask(torch.tensor([1, 4]), 3, 9))
     static.advance(3)
     assert static.lengths.tolist() == [4, 7]
     assert static.uniform_length() is None and not static.computes_positions_alone()
+    assert everyday.pass_mask() is None
 
 
 # ----------------------------------------------------------------------------- the rules on the device
