@@ -70,20 +70,14 @@ def calibrate(verify: Callable[[int], object], draft: Callable[[int], object], p
     """Time `verify(T)` (a main pass over T positions) and `draft(γ)` (a drafter's sync and γ steps), each
     the median of `repeats` runs after one warm-up, and fit the two lines of `Costs`. Each run ends when
     `device` has done its work (CUDA), not when its launches return."""
-    def verify_done(t: int) -> object:
-        result = verify(t)
-        synchronize(device)
-        return result
+    def waited(run: Callable[[int], object]) -> Callable[[int], object]:
+        return lambda n: (run(n), synchronize(device))[0]
 
-    def draft_done(g: int) -> object:
-        result = draft(g)
-        synchronize(device)
-        return result
-
-    for run in (lambda: verify_done(max(positions)), lambda: draft_done(max(gammas))):
+    verify, draft = waited(verify), waited(draft)
+    for run in (lambda: verify(max(positions)), lambda: draft(max(gammas))):
         run()  # warm-up: caches, lazily built kernels
-    verify_base, verify_slope = fit_line([(t - 1, timer(lambda t=t: verify_done(t), repeats)) for t in positions])
-    draft_base, draft_per_token = fit_line([(g, timer(lambda g=g: draft_done(g), repeats)) for g in gammas])
+    verify_base, verify_slope = fit_line([(t - 1, timer(lambda t=t: verify(t), repeats)) for t in positions])
+    draft_base, draft_per_token = fit_line([(g, timer(lambda g=g: draft(g), repeats)) for g in gammas])
     return Costs(max(verify_base, 1e-6), verify_slope, draft_base, draft_per_token)
 
 
